@@ -1,0 +1,50 @@
+"""Shared fixtures: where the real data and the built default models live.
+
+Tests that need `../shared/data` (real photos, LFW pairs, real checkpoints) skip with a reason when it is absent;
+a user's fresh clone has no `../shared`, CI always has it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+MODELS_DIR = Path(os.environ.get("FACE_MODELS_DIR", ROOT / "artifacts" / "models"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared test data not available)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _need(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def faces_dir(shared_data: Path) -> Path:
+    return _need(shared_data / "faces")
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared_data: Path) -> Path:
+    return _need(shared_data / "weights")
+
+
+@pytest.fixture(scope="session")
+def lfw_dir(shared_data: Path) -> Path:
+    return _need(shared_data / "lfw-dev")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The default models built by `make models` (the test command builds them first)."""
+    if not MODELS_DIR.exists():
+        pytest.skip(f"{MODELS_DIR} is absent: run `make models`")
+    return MODELS_DIR
