@@ -1,0 +1,71 @@
+"""Domain errors, raised below the HTTP layer and mapped to one JSON error shape in one handler.
+
+Each error carries a stable machine-readable `code` (clients switch on it) and the HTTP status it maps to.
+"""
+
+from __future__ import annotations
+
+
+class FaceServiceError(Exception):
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, *, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidImage(FaceServiceError):
+    """Bytes that are not a decodable image (random bytes, truncated files)."""
+    code = "invalid_image"
+    status = 400
+
+
+class UnsupportedMediaType(FaceServiceError):
+    """A recognisable file that is not an image format we accept."""
+    code = "unsupported_media_type"
+    status = 415
+
+
+class ImageTooLarge(FaceServiceError):
+    """Too many bytes, or too many pixels (decompression bombs), refused before decoding."""
+    code = "image_too_large"
+    status = 413
+
+
+class NoFace(FaceServiceError):
+    code = "no_face"
+    status = 422
+
+
+class TooManyFaces(FaceServiceError):
+    code = "too_many_faces"
+    status = 422
+
+
+class InvalidParameter(FaceServiceError):
+    code = "invalid_parameter"
+    status = 422
+
+
+class NotFound(FaceServiceError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(FaceServiceError):
+    code = "conflict"
+    status = 409
+
+
+class ModelError(FaceServiceError):
+    """A model file is missing, unreadable, or its metadata breaks docs/model-contract.md."""
+    code = "model_error"
+    status = 500
+
+
+class ModelMismatch(FaceServiceError):
+    """Embeddings made by another model: they are never compared with the loaded embedder's."""
+    code = "model_mismatch"
+    status = 409
