@@ -1,0 +1,507 @@
+"""Enrolled identities: SQLite is the source of truth, an in-memory matrix answers searches.
+
+Durability. The database runs in WAL mode with `synchronous=FULL`, and every enrolment or deletion is one
+transaction committed before the method returns. With WAL, `synchronous=NORMAL` would already survive the
+process being killed (kill -9: the committed frames are in the OS page cache), but could lose the last commits
+on power loss or a kernel crash; FULL fsyncs the WAL at every commit, so an acknowledged enrolment survives
+those too. Enrolments are rare human-scale events, so one fsync (milliseconds) each is cheap.
+
+Erasure. Deleting an identity removes its rows, its embeddings from the search matrix, and, because
+biometric data must really go, `secure_delete` overwrites the freed database pages with zeros and a WAL
+checkpoint (TRUNCATE) drops old copies of those pages from the write-ahead log.
+
+Models. Each face row records the sha256 of the embedder file that produced it. Only rows of the CURRENT
+model are loaded and searched: embeddings from different networks live in unrelated spaces, so comparing them
+would give meaningless similarities. Rows of other models are kept (a rollback to the old model finds them)
+and counted by `count_foreign()`.
+
+Search. All current embeddings (unit length, float32) sit in one (capacity, D) matrix that grows by doubling;
+a query is one matrix product, then `argpartition` picks candidates and the best face per identity wins.
+Deleting a face moves the last row into its slot (O(D), not O(N)). One lock serialises mutations and
+searches, which keeps row indices consistent; the matrix product itself runs multi-threaded in BLAS.
+
+One process owns a gallery file: two server processes on one file would each keep their own matrix and
+miss the other's enrolments (run uvicorn with one worker; scale inference with ORT threads instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidParameter, ModelError, NotFound
+
+log = logging.getLogger(__name__)
+
+IDENTITY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_DISPLAY_NAME = 256
+MAX_METADATA_BYTES = 16 * 1024
+# Queries are scored in chunks so that the (queries x faces) score matrix stays under ~128 MB.
+_SCORE_BUDGET = 32 * 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    id           TEXT PRIMARY KEY,
+    display_name TEXT,
+    metadata     TEXT NOT NULL DEFAULT '{}',
+    created_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    face_id      TEXT PRIMARY KEY,
+    identity_id  TEXT NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    model_sha256 TEXT NOT NULL,
+    embedding    BLOB NOT NULL,
+    created_at   REAL NOT NULL,
+    source       TEXT
+);
+CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
+CREATE INDEX IF NOT EXISTS faces_by_model ON faces(model_sha256);
+"""
+
+
+@dataclass(frozen=True)
+class Match:
+    identity_id: str
+    similarity: float  # cosine similarity of the best-matching enrolled face, in [-1, 1]
+    face_id: str  # that face
+    display_name: str | None = None
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    face_id: str
+    identity_id: str
+    model_sha256: str
+    created_at: float  # unix seconds, UTC
+    source: dict | None  # what the caller said about the source image (file name, box, ...)
+    current_model: bool  # False: made by another embedder, never searched
+
+
+@dataclass(frozen=True)
+class Identity:
+    identity_id: str
+    display_name: str | None
+    metadata: dict
+    created_at: float  # unix seconds, UTC
+    face_count: int  # faces searchable with the current model
+    foreign_face_count: int  # faces enrolled with other models
+    faces: list[FaceRecord] | None = None  # filled by get_identity, not by list_identities
+
+
+def validate_identity_id(identity_id: str) -> str:
+    if not isinstance(identity_id, str) or not IDENTITY_ID_PATTERN.match(identity_id):
+        raise InvalidParameter(
+            "identity id must be 1-128 characters of letters, digits, '_', '.', '-', starting with a "
+            "letter or digit",
+            details={"identity_id": str(identity_id)[:200], "pattern": IDENTITY_ID_PATTERN.pattern},
+        )
+    return identity_id
+
+
+class Gallery:
+    def __init__(self, path: str | Path, model_sha256: str, embedding_size: int):
+        if not model_sha256:
+            raise ValueError("model_sha256 is required: it keeps embeddings of different models apart")
+        self.path = Path(path)
+        self.model_sha256 = model_sha256
+        self.embedding_size = int(embedding_size)
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per operation.
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(_SCHEMA)
+        self._load()
+
+    # -- in-memory index -------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        d = self.embedding_size
+        self._names: dict[str, str | None] = dict(self._db.execute("SELECT id, display_name FROM identities"))
+        rows = self._db.execute(
+            "SELECT face_id, identity_id, embedding FROM faces WHERE model_sha256 = ? ORDER BY rowid",
+            (self.model_sha256,),
+        ).fetchall()
+        bad = [face_id for face_id, _, blob in rows if len(blob) != 4 * d]
+        if bad:
+            raise ModelError(
+                f"{self.path}: {len(bad)} embeddings recorded for model {self.model_sha256[:12]} are not "
+                f"{d} float32 values; the gallery is corrupt",
+                details={"face_ids": bad[:10]},
+            )
+        n = len(rows)
+        self._matrix = np.zeros((max(1024, n), d), dtype=np.float32)
+        if n:
+            self._matrix[:n] = np.frombuffer(b"".join(blob for _, _, blob in rows), dtype="<f4").reshape(n, d)
+        self._row_identity = np.zeros(len(self._matrix), dtype=np.int64)
+        self._identity_code: dict[str, int] = {}
+        self._code_identity: list[str] = []
+        self._row_face: list[str] = []
+        self._face_row: dict[str, int] = {}
+        for row, (face_id, identity_id, _) in enumerate(rows):
+            self._row_identity[row] = self._code(identity_id)
+            self._row_face.append(face_id)
+            self._face_row[face_id] = row
+        self._n = n
+        log.info(
+            "gallery %s: %d identities, %d faces of model %s loaded in %.2f s (%d faces of other models)",
+            self.path,
+            len(self._names),
+            n,
+            self.model_sha256[:12],
+            time.perf_counter() - started,
+            self.count_foreign(),
+        )
+
+    def _code(self, identity_id: str) -> int:
+        code = self._identity_code.get(identity_id)
+        if code is None:
+            code = self._identity_code[identity_id] = len(self._code_identity)
+            self._code_identity.append(identity_id)
+        return code
+
+    def _append_rows(self, face_ids: list[str], identity_id: str, embeddings: np.ndarray) -> None:
+        k = len(face_ids)
+        if self._n + k > len(self._matrix):
+            capacity = max(self._n + k, 2 * len(self._matrix))
+            matrix = np.zeros((capacity, self.embedding_size), dtype=np.float32)
+            matrix[: self._n] = self._matrix[: self._n]
+            codes = np.zeros(capacity, dtype=np.int64)
+            codes[: self._n] = self._row_identity[: self._n]
+            self._matrix, self._row_identity = matrix, codes
+        rows = slice(self._n, self._n + k)
+        self._matrix[rows] = embeddings
+        self._row_identity[rows] = self._code(identity_id)
+        for i, face_id in enumerate(face_ids):
+            self._face_row[face_id] = self._n + i
+            self._row_face.append(face_id)
+        self._n += k
+
+    def _remove_faces(self, face_ids: Sequence[str]) -> None:
+        """Drop faces from the matrix by moving the last row into each freed slot (highest slot first, so the
+        row moved in is never one that is itself being removed)."""
+        rows = sorted((self._face_row[f] for f in face_ids if f in self._face_row), reverse=True)
+        for row in rows:
+            last = self._n - 1
+            removed = self._row_face[row]
+            if row != last:
+                moved = self._row_face[last]
+                self._matrix[row] = self._matrix[last]
+                self._row_identity[row] = self._row_identity[last]
+                self._row_face[row] = moved
+                self._face_row[moved] = row
+            self._matrix[last] = 0.0  # leave no copy of a deleted embedding in memory
+            self._row_face.pop()
+            del self._face_row[removed]
+            self._n -= 1
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        identity_id: str,
+        embeddings: np.ndarray,
+        display_name: str | None = None,
+        metadata: dict | None = None,
+        *,
+        sources: Sequence[dict | None] | None = None,
+    ) -> list[str]:
+        """Add faces (k, D) to an identity, creating it if new; returns the new face ids.
+
+        For an existing identity, a given display_name or metadata replaces the stored one; None keeps it.
+        Embeddings are L2-normalised before storage. Committed to disk before returning.
+        """
+        validate_identity_id(identity_id)
+        vectors = self._check_embeddings(embeddings, "embeddings")
+        if len(vectors) == 0:
+            raise InvalidParameter("nothing to enroll: no embeddings given")
+        if display_name is not None and (
+            not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME
+        ):
+            raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
+        metadata_json = None if metadata is None else self._metadata_json(metadata)
+        if sources is not None and len(sources) != len(vectors):
+            raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
+        now = time.time()
+        face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
+        rows = [
+            (
+                face_id,
+                identity_id,
+                self.model_sha256,
+                vectors[i].astype("<f4").tobytes(),
+                now,
+                None if sources is None or sources[i] is None else json.dumps(sources[i]),
+            )
+            for i, face_id in enumerate(face_ids)
+        ]
+        with self._lock:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET "
+                    "display_name = COALESCE(excluded.display_name, identities.display_name), "
+                    "metadata = CASE WHEN ? THEN excluded.metadata ELSE identities.metadata END",
+                    (identity_id, display_name, metadata_json or "{}", now, metadata_json is not None),
+                )
+                db.executemany(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            # Committed: only now does the in-memory index change, so it never holds what the disk lacks.
+            self._append_rows(face_ids, identity_id, vectors)
+            if display_name is not None or identity_id not in self._names:
+                self._names[identity_id] = (
+                    display_name if display_name is not None else self._names.get(identity_id)
+                )
+        return face_ids
+
+    def delete_identity(self, identity_id: str) -> int:
+        """Remove an identity with all its faces (every model's); returns how many faces went."""
+        validate_identity_id(identity_id)
+        with self._lock:
+            with self._transaction() as db:
+                face_ids = [
+                    r[0]
+                    for r in db.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))
+                ]
+                db.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+                if db.execute("DELETE FROM identities WHERE id = ?", (identity_id,)).rowcount == 0:
+                    raise NotFound(
+                        f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
+                    )
+            self._remove_faces(face_ids)
+            self._names.pop(identity_id, None)
+            self._purge_wal()
+        return len(face_ids)
+
+    def delete_face(self, identity_id: str, face_id: str) -> None:
+        """Remove one face of an identity (the identity stays, possibly with no faces)."""
+        validate_identity_id(identity_id)
+        with self._lock:
+            with self._transaction() as db:
+                cursor = db.execute(
+                    "DELETE FROM faces WHERE face_id = ? AND identity_id = ?", (face_id, identity_id)
+                )
+                if cursor.rowcount == 0:
+                    if identity_id not in self._names:
+                        raise NotFound(
+                            f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
+                        )
+                    raise NotFound(
+                        f"identity {identity_id!r} has no face {face_id!r}",
+                        details={"identity_id": identity_id, "face_id": face_id},
+                    )
+            self._remove_faces([face_id])
+            self._purge_wal()
+
+    def _purge_wal(self) -> None:
+        # Old versions of the erased pages still sit in the WAL until a checkpoint copies the zeroed pages
+        # back and TRUNCATE empties the log.
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # busy with a reader elsewhere; the next checkpoint completes it
+            log.warning("gallery %s: WAL checkpoint after delete failed: %s", self.path, exc)
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
+        """A page of identities ordered by id, and the total number of identities."""
+        if offset < 0 or limit < 0:
+            raise InvalidParameter("offset and limit must be >= 0")
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+            rows = self._db.execute(
+                "SELECT i.id, i.display_name, i.metadata, i.created_at, "
+                "  (SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id AND f.model_sha256 = ?), "
+                "  (SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id AND f.model_sha256 != ?) "
+                "FROM identities i ORDER BY i.id LIMIT ? OFFSET ?",
+                (self.model_sha256, self.model_sha256, limit, offset),
+            ).fetchall()
+        return [self._identity(row) for row in rows], total
+
+    def get_identity(self, identity_id: str) -> Identity:
+        validate_identity_id(identity_id)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, display_name, metadata, created_at, 0, 0 FROM identities WHERE id = ?",
+                (identity_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(
+                    f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
+                )
+            faces = [
+                FaceRecord(
+                    face_id=face_id,
+                    identity_id=identity_id,
+                    model_sha256=sha,
+                    created_at=created,
+                    source=None if source is None else json.loads(source),
+                    current_model=sha == self.model_sha256,
+                )
+                for face_id, sha, created, source in self._db.execute(
+                    "SELECT face_id, model_sha256, created_at, source FROM faces WHERE identity_id = ? "
+                    "ORDER BY created_at, rowid",
+                    (identity_id,),
+                )
+            ]
+        current = sum(f.current_model for f in faces)
+        identity = self._identity(row)
+        return Identity(
+            identity.identity_id,
+            identity.display_name,
+            identity.metadata,
+            identity.created_at,
+            face_count=current,
+            foreign_face_count=len(faces) - current,
+            faces=faces,
+        )
+
+    def count_identities(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+
+    def count_faces(self) -> int:
+        """Faces searchable with the current model."""
+        with self._lock:
+            return self._n
+
+    def __len__(self) -> int:
+        return self.count_faces()
+
+    def count_foreign(self) -> int:
+        """Faces enrolled with another model: kept on disk, never compared with the current model's."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM faces WHERE model_sha256 != ?", (self.model_sha256,)
+            ).fetchone()[0]
+
+    def search(
+        self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
+    ) -> list[list[Match]]:
+        """For each query (M, D): up to top_k identities, best first, each scored by its best face;
+        only similarities >= threshold when one is given. Queries are L2-normalised here."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InvalidParameter("top_k must be a positive integer")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+            raise InvalidParameter("threshold must be a cosine similarity in [-1, 1]")
+        q = self._check_embeddings(queries, "queries")
+        results: list[list[Match]] = []
+        with self._lock:
+            n = self._n
+            if n == 0:
+                return [[] for _ in range(len(q))]
+            matrix = self._matrix[:n]
+            chunk = max(1, _SCORE_BUDGET // n)
+            for start in range(0, len(q), chunk):
+                scores = q[start : start + chunk] @ matrix.T  # (m, n) cosine similarities
+                results.extend(self._best_per_identity(row, top_k, threshold) for row in scores)
+        return results
+
+    def _best_per_identity(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
+        """Top identities for one query. The best `k` faces, in score order, contain the best face of every
+        identity that beats the k-th score; grow k until top_k distinct identities are found, or every face
+        above the threshold has been seen, or k covers the gallery."""
+        n = len(scores)
+        codes_all = self._row_identity[:n]
+        k = min(n, max(4 * top_k, 32))
+        while True:
+            candidates = np.arange(n) if k >= n else np.argpartition(-scores, k - 1)[:k]
+            candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+            kth = scores[candidates[-1]]
+            if threshold is not None:
+                candidates = candidates[scores[candidates] >= threshold]
+            _, first = np.unique(codes_all[candidates], return_index=True)
+            picks = candidates[np.sort(first)][:top_k]
+            if len(picks) >= top_k or k >= n or (threshold is not None and kth < threshold):
+                break
+            k = min(n, 4 * k)
+        return [
+            Match(
+                identity_id=self._code_identity[codes_all[row]],
+                similarity=float(np.clip(scores[row], -1.0, 1.0)),
+                face_id=self._row_face[row],
+                display_name=self._names.get(self._code_identity[codes_all[row]]),
+            )
+            for row in picks
+        ]
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _check_embeddings(self, x: Any, what: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.embedding_size:
+            raise InvalidParameter(
+                f"{what} must have shape (N, {self.embedding_size}), got {x.shape}",
+                details={"expected_size": self.embedding_size},
+            )
+        if not np.isfinite(x).all():
+            raise InvalidParameter(f"{what} contain NaN or infinite values")
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if (norms < 1e-6).any():
+            raise InvalidParameter(f"{what} contain an all-zero vector")
+        return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+    @staticmethod
+    def _metadata_json(metadata: Any) -> str:
+        if not isinstance(metadata, dict):
+            raise InvalidParameter("metadata must be a JSON object")
+        try:
+            text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameter(f"metadata is not JSON-serialisable: {exc}") from None
+        if len(text.encode()) > MAX_METADATA_BYTES:
+            raise InvalidParameter(f"metadata exceeds {MAX_METADATA_BYTES} bytes as JSON")
+        return text
+
+    @staticmethod
+    def _identity(row: tuple) -> Identity:
+        identity_id, display_name, metadata, created_at, current, foreign = row
+        return Identity(
+            identity_id=identity_id,
+            display_name=display_name,
+            metadata=json.loads(metadata) if metadata else {},
+            created_at=created_at,
+            face_count=current,
+            foreign_face_count=foreign,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

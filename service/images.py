@@ -1,0 +1,297 @@
+"""Uploaded bytes -> a BGR uint8 image, refusing what we must not decode.
+
+Order of checks, cheapest first, so hostile input costs almost nothing:
+1. byte count (`max_bytes`) -> ImageTooLarge;
+2. magic bytes -> JPEG, PNG, WebP or BMP; a recognised other format (GIF, TIFF, PDF, HEIC, ...) ->
+   UnsupportedMediaType; anything else -> InvalidImage;
+3. width and height read from the format's HEADER by the small parsers below (a few fixed offsets each, no
+   decompression) -> more than `max_pixels` is ImageTooLarge, before a single pixel is decoded. A 40 KB PNG can
+   declare 30000 x 30000 pixels (2.7 GB of BGR), which is why this comes before OpenCV;
+4. completeness: a JPEG must end its entropy-coded data with an EOI marker. Older OpenCV builds decode a
+   truncated JPEG into an image whose missing lower part is flat grey and only log a warning; we refuse it
+   (InvalidImage) instead of detecting faces in half a picture;
+5. OpenCV decodes; a failure is InvalidImage, and the decoded size must match the header's.
+
+Colour handling (all return 3-channel BGR uint8):
+- EXIF orientation is applied (OpenCV's IMREAD_COLOR does it for JPEG), so a phone photo is upright;
+- grayscale is replicated to three channels; 16-bit samples keep their high byte;
+- alpha is COMPOSITED over white, not dropped: pixels with alpha 0 often hold arbitrary colour (black, or what
+  an editor erased), and dropping alpha would show the detector that hidden content instead of the picture the
+  user sees (a browser shows transparency over a white page).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = ("jpeg", "png", "webp", "bmp")
+
+# Signatures of formats we recognise but do not accept (HTTP 415 tells the client to convert, not to retry).
+_UNSUPPORTED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"%PDF-", "pdf"),
+    (0, b"8BPS", "psd"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (0, b"\xffO\xffQ", "jpeg2000"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl"),
+    (0, b"\xff\n", "jpegxl"),
+    (0, b"qoif", "qoi"),
+    (0, b"v/1\x01", "openexr"),
+    (0, b"#?RADIANCE", "hdr"),
+    (0, b"PK\x03\x04", "zip"),
+    (0, b"\x1f\x8b", "gzip"),
+    (0, b"\x00\x00\x01\x00", "ico"),
+    (4, b"ftyp", "isobmff"),  # HEIC, AVIF, MP4, MOV
+)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, read without decoding pixels."""
+
+    format: str  # one of SUPPORTED_FORMATS
+    width: int
+    height: int
+    has_alpha: bool
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Decode JPEG/PNG/WebP/BMP bytes to an upright BGR uint8 array (H, W, 3); see the module doc for errors."""
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"image is {len(data)} bytes, the limit is {max_bytes}",
+            details={"bytes": len(data), "max_bytes": max_bytes},
+        )
+    header = probe_image(data)
+    if header.pixels > max_pixels:
+        raise ImageTooLarge(
+            f"image is {header.width}x{header.height} = {header.pixels} pixels, the limit is {max_pixels}",
+            details={"width": header.width, "height": header.height, "max_pixels": max_pixels},
+        )
+    if header.format == "jpeg" and not _jpeg_is_complete(data):
+        raise InvalidImage("JPEG data is truncated (no end-of-image marker after the scan data)")
+
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        if header.has_alpha:
+            # IMREAD_UNCHANGED keeps alpha (and 16 bits); orientation tags are a JPEG matter, JPEG has no alpha.
+            image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            if image is not None:
+                image = _to_bgr8(image)
+        else:
+            # IMREAD_COLOR: 3-channel 8-bit BGR, grayscale replicated, EXIF orientation applied.
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise InvalidImage(f"{header.format} data cannot be decoded: {exc.err}") from None
+    if image is None:
+        raise InvalidImage(f"{header.format} data cannot be decoded (corrupt or truncated)")
+    h, w = image.shape[:2]
+    if {h, w} != {header.height, header.width} or h * w != header.pixels:
+        # The size limit above is only as good as the header; a decoder that disagrees with it is not trusted.
+        raise InvalidImage(
+            f"decoded {w}x{h} pixels, but the {header.format} header says {header.width}x{header.height}"
+        )
+    return np.ascontiguousarray(image)
+
+
+def probe_image(data: bytes) -> ImageHeader:
+    """Identify the format and read width, height and alpha from the header only."""
+    if not data:
+        raise InvalidImage("empty body: no image bytes")
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_header(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _png_header(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    if data[:2] == b"BM":
+        return _bmp_header(data)
+    for offset, signature, name in _UNSUPPORTED_SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            raise _unsupported(name)
+    if data[:4] == b"RIFF":
+        raise _unsupported("riff")  # WAV, AVI
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<?xml", b"<svg")) and b"<svg" in head:
+        raise _unsupported("svg")
+    raise InvalidImage("not an image: the bytes match none of JPEG, PNG, WebP, BMP")
+
+
+def _unsupported(name: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"{name} is not a supported image format; send JPEG, PNG, WebP or BMP",
+        details={"format": name, "supported": list(SUPPORTED_FORMATS)},
+    )
+
+
+def _checked(fmt: str, width: int, height: int, has_alpha: bool = False) -> ImageHeader:
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"{fmt} header declares an empty image ({width}x{height})")
+    return ImageHeader(fmt, width, height, has_alpha)
+
+
+def _png_header(data: bytes) -> ImageHeader:
+    # Signature (8) then the IHDR chunk: length (4), "IHDR", width (4), height (4), bit depth, colour type, ...
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise InvalidImage("PNG is truncated or has no IHDR header")
+    width, height, _bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    # Colour types 4 and 6 carry alpha; a tRNS chunk (before IDAT) adds it to palette/gray/RGB images.
+    has_alpha = color_type in (4, 6) or _png_has_chunk_before_idat(data, b"tRNS")
+    return _checked("png", width, height, has_alpha)
+
+
+def _png_has_chunk_before_idat(data: bytes, wanted: bytes) -> bool:
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == wanted:
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
+# SOF markers that carry the frame size: baseline, extended, progressive, lossless; Huffman and arithmetic.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_segments(data: bytes):
+    """Yield (marker, payload_start, payload_end) for each header segment up to and including the first SOS."""
+    pos = 2
+    n = len(data)
+    while pos < n:
+        if data[pos] != 0xFF:
+            raise InvalidImage("JPEG header is corrupt (expected a marker)")
+        while pos < n and data[pos] == 0xFF:  # markers may be preceded by fill bytes 0xFF
+            pos += 1
+        if pos >= n:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM and RSTn stand alone
+            continue
+        if marker == 0xD9:
+            raise InvalidImage("JPEG ends before any image data")
+        if pos + 2 > n:
+            break
+        (length,) = struct.unpack(">H", data[pos : pos + 2])
+        if length < 2:
+            raise InvalidImage("JPEG header is corrupt (segment length < 2)")
+        yield marker, pos + 2, pos + length
+        if marker == 0xDA:
+            return
+        pos += length
+    raise InvalidImage("JPEG is truncated inside its header")
+
+
+def _jpeg_header(data: bytes) -> ImageHeader:
+    for marker, start, end in _jpeg_segments(data):
+        if marker in _JPEG_SOF:
+            if end > len(data) or end - start < 6:
+                raise InvalidImage("JPEG is truncated inside its frame header")
+            _precision, height, width = struct.unpack(">BHH", data[start : start + 5])
+            if height == 0:
+                # Height given later by a DNL marker: legal but so rare that no decoder we use handles it.
+                raise InvalidImage("JPEG frame header declares height 0 (DNL marker), not supported")
+            return _checked("jpeg", width, height)
+        if marker == 0xDA:
+            break
+    raise InvalidImage("JPEG has no frame header (SOF) before its scan data")
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """True when an EOI marker follows the first scan. Inside entropy-coded data 0xFF is always followed by
+    0x00 (byte stuffing) or a restart marker, so FF D9 there can only be the real end of the image; EXIF
+    thumbnails (which end with their own FF D9) sit in APP1, before the first scan, and are skipped."""
+    sos_end = None
+    for marker, _start, end in _jpeg_segments(data):
+        if marker == 0xDA:
+            sos_end = end
+    return sos_end is not None and data.find(b"\xff\xd9", sos_end) != -1
+
+
+def _webp_header(data: bytes) -> ImageHeader:
+    # RIFF container: "RIFF" size "WEBP", then the first chunk: fourcc (4), size (4), payload.
+    if len(data) < 30:
+        raise InvalidImage("WebP is truncated inside its header")
+    fourcc = data[12:16]
+    payload = data[20:]
+    if fourcc == b"VP8 ":  # lossy: 3-byte frame tag, start code 9d 01 2a, then 14-bit width and height
+        if payload[3:6] != b"\x9d\x01\x2a":
+            raise InvalidImage("WebP (lossy) frame header is corrupt")
+        width, height = struct.unpack("<HH", payload[6:10])
+        return _checked("webp", width & 0x3FFF, height & 0x3FFF)
+    if fourcc == b"VP8L":  # lossless: signature 0x2f, then 14 bits width-1, 14 bits height-1, 1 bit alpha
+        if payload[0] != 0x2F:
+            raise InvalidImage("WebP (lossless) header is corrupt")
+        (bits,) = struct.unpack("<I", payload[1:5])
+        width = (bits & 0x3FFF) + 1
+        height = ((bits >> 14) & 0x3FFF) + 1
+        return _checked("webp", width, height, bool((bits >> 28) & 1))
+    if fourcc == b"VP8X":  # extended: flags byte, 3 reserved, 24-bit canvas width-1 and height-1
+        flags = payload[0]
+        if flags & 0x02:
+            raise _unsupported("animated webp")
+        width = int.from_bytes(payload[4:7], "little") + 1
+        height = int.from_bytes(payload[7:10], "little") + 1
+        return _checked("webp", width, height, bool(flags & 0x10))
+    raise InvalidImage(f"WebP has an unknown first chunk {fourcc!r}")
+
+
+def _bmp_header(data: bytes) -> ImageHeader:
+    # File header (14 bytes), then a DIB header whose first 4 bytes give its size.
+    if len(data) < 26:
+        raise InvalidImage("BMP is truncated inside its header")
+    (dib_size,) = struct.unpack("<I", data[14:18])
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER: unsigned 16-bit width and height
+        width, height = struct.unpack("<HH", data[18:22])
+    elif dib_size >= 40:  # BITMAPINFOHEADER and later: signed 32-bit; negative height means top-down rows
+        width, height = struct.unpack("<ii", data[18:26])
+        height = abs(height)
+    else:
+        raise InvalidImage(f"BMP has an unknown DIB header size {dib_size}")
+    return _checked("bmp", width, height)
+
+
+_WHITE = 255.0
+
+
+def _to_bgr8(image: np.ndarray) -> np.ndarray:
+    """An IMREAD_UNCHANGED result (gray, gray+alpha, BGR, BGRA; 8 or 16 bits) -> BGR uint8, alpha composited."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)  # keep the high byte, as IMREAD_COLOR does
+    elif image.dtype != np.uint8:
+        raise InvalidImage(f"unsupported sample type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if channels == 3:
+        return image
+    if channels == 2:
+        color, alpha = cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]
+    elif channels == 4:
+        color, alpha = image[:, :, :3], image[:, :, 3]
+    else:
+        raise InvalidImage(f"unsupported channel count {channels}")
+    a = alpha.astype(np.float32)[:, :, None] * (1.0 / 255.0)
+    out = color.astype(np.float32) * a + _WHITE * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,199 @@
+"""What every ONNX model class in the service shares: opening a session, reading and checking its metadata.
+
+The contract (docs/model-contract.md) puts everything needed to feed a model into the file's `metadata_props`.
+`ModelMetadata` reads those string values with typed accessors that raise `ModelError` naming the key and the
+file, so a broken file fails at load time with a message a user can act on, never later with a shape error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from service.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("NCHW", "NHWC")
+COLORS = ("RGB", "BGR")
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes: the identity of a model (the gallery keys embeddings by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0) -> ort.SessionOptions:
+    """ORT options; 0 threads means ORT's default (one intra-op thread per physical core)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = int(inter_op_threads)
+    # Sequential execution: our graphs are chains of convolutions, the parallelism is inside each operator.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's default log level prints warnings for benign things (unused initialisers); errors still raise.
+    options.log_severity_level = 3
+    return options
+
+
+def create_session(
+    path: str | Path,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    *,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[str] | None = None,
+) -> ort.InferenceSession:
+    """Open an ONNX file on the CPU (or the given providers). Missing or unreadable files raise ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file", details={"path": str(path)})
+    if options is None:
+        options = session_options(intra_op_threads, inter_op_threads)
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...) for bad files
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {exc}", details={"path": str(path)}) from exc
+
+
+def read_metadata(session: ort.InferenceSession) -> dict[str, str]:
+    """The file's `metadata_props` as a plain dict of strings (values still JSON-encoded where they are)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class ModelMetadata(Mapping[str, str]):
+    """Typed, checked access to a model's metadata; every failure is a ModelError naming key and model."""
+
+    def __init__(self, raw: Mapping[str, str], source: str = "model"):
+        self._raw = dict(raw)
+        self.source = source
+
+    def __getitem__(self, key: str) -> str:
+        return self._raw[key]
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def error(self, key: str, problem: str) -> ModelError:
+        return ModelError(
+            f"{self.source}: metadata key '{key}' {problem} (see docs/model-contract.md)",
+            details={"model": self.source, "key": key},
+        )
+
+    def text(self, key: str) -> str:
+        value = self._raw.get(key)
+        if value is None or not value.strip():
+            raise self.error(key, "is missing")
+        return value.strip()
+
+    def choice(self, key: str, options: Sequence[str]) -> str:
+        value = self.text(key)
+        if value not in options:
+            raise self.error(key, f"is {value!r}, expected one of {list(options)}")
+        return value
+
+    def json(self, key: str, *, optional: bool = False) -> Any:
+        if optional and not (self._raw.get(key) or "").strip():
+            return None
+        try:
+            return json.loads(self.text(key))
+        except json.JSONDecodeError as exc:
+            raise self.error(key, f"is not valid JSON ({exc.msg})") from None
+
+    def number(self, key: str, *, optional: bool = False, low: float = -math.inf, high: float = math.inf):
+        """A finite float in [low, high]; None when optional and absent."""
+        value = self.json(key, optional=optional)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(key, f"is {value!r}, expected a finite number")
+        if not low <= value <= high:
+            raise self.error(key, f"is {value}, expected a value in [{low}, {high}]")
+        return float(value)
+
+    def integer(self, key: str, *, low: int = 1) -> int:
+        value = self.json(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise self.error(key, f"is {value!r}, expected an integer >= {low}")
+        return value
+
+    def boolean(self, key: str, *, default: bool | None = None) -> bool | None:
+        raw = (self._raw.get(key) or "").strip().lower()
+        if not raw:
+            return default
+        if raw not in ("true", "false"):
+            raise self.error(key, f"is {raw!r}, expected true or false")
+        return raw == "true"
+
+    def floats(self, key: str, shape: tuple[int, ...]) -> list:
+        """A JSON (nested) list of finite numbers with exactly `shape`; returned as nested Python floats."""
+        value = self.json(key)
+
+        def check(v, dims):
+            if not dims:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise self.error(key, f"holds {v!r}, expected finite numbers of shape {list(shape)}")
+                return float(v)
+            if not isinstance(v, list) or len(v) != dims[0]:
+                raise self.error(key, f"is {self._raw.get(key)!r}, expected a list of shape {list(shape)}")
+            return [check(x, dims[1:]) for x in v]
+
+        return check(value, shape)
+
+    def input_size(self, key: str = "face.input_size", *, optional: bool = False) -> tuple[int, int] | None:
+        """`[height, width]` in pixels, or None where the contract allows `null` (dynamic size)."""
+        value = self.json(key)
+        if value is None:
+            if optional:
+                return None
+            raise self.error(key, "is null, but this model needs a fixed [height, width]")
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        ):
+            raise self.error(key, f"is {value!r}, expected [height, width] as positive integers")
+        return int(value[0]), int(value[1])
+
+    def preprocessing(self) -> tuple[str, str, list[float], list[float]]:
+        """(layout, color, mean, std) as the contract states them; std must be non-zero."""
+        layout = self.choice("face.layout", LAYOUTS)
+        color = self.choice("face.color", COLORS)
+        mean = self.floats("face.mean", (3,))
+        std = self.floats("face.std", (3,))
+        if any(s == 0 for s in std):
+            raise self.error("face.std", f"is {std}: a zero std would divide by zero")
+        return layout, color, mean, std
+
+
+def check_io(
+    session: ort.InferenceSession, source: str, *, outputs: Sequence[str], input_name: str = "input"
+) -> None:
+    """The contract fixes input and output names: refuse a graph that does not use them."""
+    inputs = [i.name for i in session.get_inputs()]
+    if inputs != [input_name]:
+        raise ModelError(
+            f"{source}: expected one input named '{input_name}', found {inputs}", details={"model": source}
+        )
+    names = [o.name for o in session.get_outputs()]
+    missing = [n for n in outputs if n not in names]
+    if missing:
+        raise ModelError(
+            f"{source}: outputs {missing} missing (graph has {names})", details={"model": source}
+        )

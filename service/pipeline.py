@@ -1,0 +1,126 @@
+"""The whole recognition path, top to bottom: decode -> detect -> align -> embed (L2-normalised).
+
+Matching against enrolled identities is the gallery's job (service/gallery.py); this module ends with one
+unit-length embedding per face, in the embedder's space, and every coordinate in ORIGINAL image pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.align import align_face
+from service.embedder import Embedder
+from service.images import decode_image
+
+log = logging.getLogger(__name__)
+
+
+class Detections(Protocol):
+    boxes: np.ndarray  # (N, 4) x1, y1, x2, y2 in original pixels, sorted by score, highest first
+    scores: np.ndarray  # (N,) face probability
+    landmarks: np.ndarray  # (N, 5, 2) x, y in original pixels (eyes, nose, mouth corners)
+
+
+class Detector(Protocol):
+    def detect(
+        self,
+        image: np.ndarray,
+        score_threshold: float | None = None,
+        min_face_size: float = 0,
+        max_faces: int | None = None,
+    ) -> Detections: ...
+
+
+@dataclass
+class Face:
+    """One detected face. Coordinates are in the pixels of the decoded (EXIF-upright) image."""
+
+    box: np.ndarray  # (4,) float32 x1, y1, x2, y2
+    score: float  # detector probability in [0, 1]
+    landmarks: np.ndarray  # (5, 2) float32 x, y
+    embedding: np.ndarray | None = None  # (D,) float32, unit length; None when not computed
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+def largest(faces: list[Face]) -> Face | None:
+    """The face with the largest box (the subject of a portrait or selfie), or None for no faces."""
+    return max(faces, key=lambda f: f.area, default=None)
+
+
+class Pipeline:
+    """A detector and an embedder, composed. Thread-safe as far as ORT sessions are (run() is)."""
+
+    def __init__(self, detector: Detector, embedder: Embedder):
+        self.detector = detector
+        self.embedder = embedder
+
+    def detect(
+        self,
+        image: np.ndarray,
+        score_threshold: float | None = None,
+        min_face_size: float = 0,
+        max_faces: int | None = None,
+    ) -> list[Face]:
+        """Faces in a BGR uint8 image, highest score first; no embeddings."""
+        found = self.detector.detect(
+            image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
+        )
+        return [
+            Face(
+                box=np.asarray(box, dtype=np.float32),
+                score=float(score),
+                landmarks=np.asarray(points, dtype=np.float32).reshape(5, 2),
+            )
+            for box, score, points in zip(found.boxes, found.scores, found.landmarks)
+        ]
+
+    def align(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """Aligned crops (N, h, w, 3) BGR uint8, warped onto the embedder's template."""
+        h, w = self.embedder.input_size
+        if not faces:
+            return np.zeros((0, h, w, 3), np.uint8)
+        return np.stack([align_face(image, f.landmarks, self.embedder.template, (h, w)) for f in faces])
+
+    def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Fill in each face's embedding (one batched embedder call for all faces of the image)."""
+        if faces:
+            embeddings = self.embedder.embed(self.align(image, faces))
+            for face, embedding in zip(faces, embeddings):
+                face.embedding = embedding
+        return faces
+
+    def analyse(
+        self,
+        image: np.ndarray,
+        score_threshold: float | None = None,
+        min_face_size: float = 0,
+        max_faces: int | None = None,
+        embed: bool = True,
+    ) -> list[Face]:
+        """detect -> align -> embed for every face in a decoded BGR image."""
+        faces = self.detect(
+            image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
+        )
+        return self.embed(image, faces) if embed else faces
+
+    def analyse_bytes(
+        self, data: bytes, *, max_bytes: int, max_pixels: int, **options
+    ) -> tuple[np.ndarray, list[Face]]:
+        """decode -> detect -> align -> embed from uploaded bytes; returns the decoded image and its faces."""
+        image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        return image, self.analyse(image, **options)
