@@ -14,7 +14,7 @@ Order of checks, cheapest first, so hostile input costs almost nothing:
 
 Colour handling (all return 3-channel BGR uint8):
 - EXIF orientation is applied (OpenCV's IMREAD_COLOR does it for JPEG), so a phone photo is upright;
-- grayscale is replicated to three channels; 16-bit samples keep their high byte;
+- grayscale is replicated to three channels; 16-bit samples are scaled to 8 bits;
 - alpha is COMPOSITED over white, not dropped: pixels with alpha 0 often hold arbitrary colour (black, or what
   an editor erased), and dropping alpha would show the detector that hidden content instead of the picture the
   user sees (a browser shows transparency over a white page).
@@ -276,7 +276,7 @@ _WHITE = 255.0
 def _to_bgr8(image: np.ndarray) -> np.ndarray:
     """An IMREAD_UNCHANGED result (gray, gray+alpha, BGR, BGRA; 8 or 16 bits) -> BGR uint8, alpha composited."""
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)  # keep the high byte, as IMREAD_COLOR does
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(x * 255 / 65535)
     elif image.dtype != np.uint8:
         raise InvalidImage(f"unsupported sample type {image.dtype}")
     if image.ndim == 2:
