@@ -341,13 +341,15 @@ def _torch_export(
     # The legacy TorchScript exporter (dynamo=False): our networks are plain feed-forward conv nets that trace
     # cleanly, `dynamic_axes` marks batch/height/width dynamic without torch.export's symbolic-shape constraints
     # (which reject e.g. RetinaFace's size-dependent interpolate unless every relation is declared), and it folds
-    # BatchNorm into the convolutions. Its deprecation warning is expected and silenced here.
+    # BatchNorm into the convolutions. Its deprecation and tracer warnings are expected and silenced here.
     input_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
     dynamic_axes = {"input": input_axes, **{name: {0: "batch"} for name in output_names}}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # Strided slices (e.g. x[:, ::2]) are not folded; harmless, and not actionable by the user.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(
                 model,
                 (sample,),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -228,3 +229,67 @@ def test_sha256_file(tmp_path: Path) -> None:
     f = tmp_path / "blob.bin"
     f.write_bytes(b"face" * 1_000_000)
     assert sha256_file(f) == hashlib.sha256(b"face" * 1_000_000).hexdigest()
+
+
+# --- the CLI: python -m export ----------------------------------------------------------------------------------
+
+
+def test_cli_help_lists_every_command() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    for command in ("defaults", "retinaface", "arcface", "mobilefacenet"):
+        assert command in result.stdout
+    assert "import torch" not in result.stderr
+
+
+def test_cli_missing_command_module_is_a_clear_error(monkeypatch, capsys) -> None:
+    from export import __main__ as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "arcface", ("export.not_written_yet", "placeholder"))
+    assert cli.main(["arcface", "--help"]) == 2
+    assert "export.not_written_yet is missing" in capsys.readouterr().err
+
+
+def test_defaults_keeps_an_up_to_date_file_and_rebuilds_a_stale_one(tmp_path: Path, monkeypatch, capsys) -> None:
+    from export import defaults
+
+    detector, recognizer = defaults.DEFAULT_MODELS
+    # An up-to-date detector file: the metadata names exactly the pinned source.
+    model = _randomise_bn(TinyDetector())
+    meta = {**_detector_meta(), "face.source": detector.source, "face.source_sha256": detector.source_sha256}
+    export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / detector.file_name, meta,
+                ["loc", "conf", "landmarks"], dynamic_hw=True)
+    # A stale recognizer file: built from other weights.
+    export_onnx(TinyEmbedder(), torch.randn(1, 3, 32, 32), tmp_path / recognizer.file_name, _embedder_meta(),
+                ["embedding"])
+    assert defaults.up_to_date(tmp_path / detector.file_name, detector)
+    assert not defaults.up_to_date(tmp_path / recognizer.file_name, recognizer)
+
+    calls = []
+
+    def fake_export_one(model: defaults.DefaultModel, out_dir: Path) -> Path:
+        calls.append(model.role)
+        raise defaults.DefaultsError(f"{model.module} is missing")
+
+    monkeypatch.setattr(defaults, "export_one", fake_export_one)
+    args = SimpleNamespace(out=tmp_path, force=False)
+    assert defaults.run(args) == 1  # the recognizer could not be rebuilt: a failure, reported clearly
+    assert calls == ["recognizer"]
+    out = capsys.readouterr()
+    assert "detector" in out.out and "up to date" in out.out and "recognizer: DefaultsError" in out.err
+
+    calls.clear()
+    assert defaults.run(SimpleNamespace(out=tmp_path, force=True)) == 1
+    assert calls == ["detector", "recognizer"]
+
+
+def test_defaults_names_a_missing_exporter_module(tmp_path: Path) -> None:
+    from export import defaults
+
+    ghost = defaults.DefaultModel("detector", "export.no_such_module", "x.onnx", "src", "0" * 64)
+    with pytest.raises(defaults.DefaultsError, match="export.no_such_module is missing"):
+        defaults.export_one(ghost, tmp_path)
