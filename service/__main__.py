@@ -1,0 +1,38 @@
+"""`python -m service`: serve the API with uvicorn on HOST:PORT (settings from the environment, see README)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a readable refusal, not a traceback, for a bad environment
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The factory re-reads the environment in each worker process, so workers > 1 need no pickling.
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        # Bodies are bounded by BodyLimitMiddleware; keep-alive connections idle out quickly.
+        timeout_keep_alive=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

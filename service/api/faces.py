@@ -1,0 +1,174 @@
+"""Face endpoints: /detect, /verify, /identify."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+
+from service.api.runtime import Runtime, RuntimeDep
+from service.api.uploads import ImageUpload, openapi_body, read_request
+from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
+from service.pipeline import Face, largest
+from service.schemas import (
+    DetectOptions,
+    DetectResponse,
+    IdentifiedFace,
+    IdentifyOptions,
+    IdentifyResponse,
+    IdentityMatch,
+    ImageInfo,
+    VerifiedFace,
+    VerifyOptions,
+    VerifyResponse,
+    error_responses,
+    face_model,
+)
+from service.security import require_api_key
+
+router = APIRouter(
+    tags=["faces"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 413, 415, 422, 503),
+)
+
+
+def image_info(image: np.ndarray) -> ImageInfo:
+    return ImageInfo(width=image.shape[1], height=image.shape[0])
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    summary="Find faces in an image",
+    description="Boxes, scores and five landmarks of every face, best score first.",
+    openapi_extra=openapi_body(DetectOptions, images=("image",), required=("image",)),
+)
+async def detect(request: Request, runtime: RuntimeDep) -> DetectResponse:
+    body = await read_request(
+        request, DetectOptions, images=("image",), required=("image",),
+        max_image_bytes=runtime.settings.max_image_bytes,
+    )
+    image = await runtime.decode(body.one("image"))
+    faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
+    return DetectResponse(image=image_info(image), faces=[face_model(f) for f in faces])
+
+
+async def _chosen_face(
+    runtime: Runtime, upload: ImageUpload, options: VerifyOptions, index: int | None
+) -> tuple[Face, int, int]:
+    """The face of one image to verify with: the requested index, or the largest; embedded."""
+    image = await runtime.decode(upload)
+    faces = await runtime.faces(image, options, embed=False)
+    if not faces:
+        raise NoFace(f"no face found in {upload.field}", details=upload.describe())
+    if index is None:
+        best = largest(faces)
+        index = next(i for i, f in enumerate(faces) if f is best)
+    elif index >= len(faces):
+        raise InvalidParameter(
+            f"{upload.field} has {len(faces)} face(s); face index {index} does not exist",
+            details={**upload.describe(), "faces_found": len(faces), "face_index": index},
+        )
+    face = faces[index]
+    await runtime.embed(image, [face])
+    return face, index, len(faces)
+
+
+async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np.ndarray) -> float:
+    """Best similarity between `embedding` and the identity's faces made by the loaded embedder."""
+    identity = await runtime.in_gallery(runtime.gallery.get_identity, identity_id)  # 404 when absent
+    if identity.face_count == 0:
+        if identity.foreign_face_count:
+            raise ModelMismatch(
+                f"identity {identity_id!r} only has faces made by another embedder; re-enrol it",
+                details={"identity_id": identity_id, "foreign_faces": identity.foreign_face_count},
+            )
+        raise Conflict(f"identity {identity_id!r} has no faces", details={"identity_id": identity_id})
+    # Search every identity without a threshold: the gallery scores an identity by its best face.
+    total = await runtime.in_gallery(runtime.gallery.count_identities)
+    (matches,) = await runtime.search(embedding[None, :], top_k=max(total, 1), threshold=None)
+    return next(m.similarity for m in matches if m.identity_id == identity_id)
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    summary="Are two faces the same person?",
+    description=(
+        "Compares the largest face (or the face chosen with `face1`/`face2`, in /detect order) of `image1` "
+        "with that of `image2`, or with the enrolled identity `identity_id` (its best-matching face). "
+        "`match` is `similarity >= threshold`. An image without a face is 422 `no_face`, naming the image."
+    ),
+    responses=error_responses(404, 409),
+    openapi_extra=openapi_body(VerifyOptions, images=("image1", "image2"), required=("image1",)),
+)
+async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
+    body = await read_request(
+        request, VerifyOptions, images=("image1", "image2"), required=("image1",),
+        max_image_bytes=runtime.settings.max_image_bytes,
+    )
+    options = body.options
+    second = body.one("image2")
+    if (second is None) == (options.identity_id is None):
+        raise InvalidParameter("send exactly one of image2 and identity_id", details={"field": "image2"})
+    if second is None and options.face2 is not None:
+        raise InvalidParameter("face2 needs image2", details={"field": "face2"})
+    if options.identity_id is not None:  # fail fast on an unknown identity, before any inference
+        await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
+
+    face1, index1, count1 = await _chosen_face(runtime, body.one("image1"), options, options.face1)
+    face2 = None
+    if second is not None:
+        face2, index2, count2 = await _chosen_face(runtime, second, options, options.face2)
+        similarity = float(np.clip(np.dot(face1.embedding, face2.embedding), -1.0, 1.0))
+    else:
+        similarity = await _identity_similarity(runtime, options.identity_id, face1.embedding)
+    threshold = runtime.threshold if options.threshold is None else options.threshold
+    return VerifyResponse(
+        match=similarity >= threshold,
+        similarity=similarity,
+        threshold=threshold,
+        face1=VerifiedFace(**face_model(face1).model_dump(), index=index1, faces_found=count1),
+        face2=None if face2 is None else VerifiedFace(
+            **face_model(face2).model_dump(), index=index2, faces_found=count2
+        ),
+        identity_id=options.identity_id,
+    )
+
+
+@router.post(
+    "/identify",
+    response_model=IdentifyResponse,
+    summary="Who is in this image?",
+    description=(
+        "For every face: up to `top_k` enrolled identities whose similarity is at or above the threshold, "
+        "best first. An empty `matches` list means nobody we know (never the nearest stranger)."
+    ),
+    openapi_extra=openapi_body(IdentifyOptions, images=("image",), required=("image",)),
+)
+async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
+    body = await read_request(
+        request, IdentifyOptions, images=("image",), required=("image",),
+        max_image_bytes=runtime.settings.max_image_bytes,
+    )
+    options = body.options
+    threshold = runtime.threshold if options.threshold is None else options.threshold
+    image = await runtime.decode(body.one("image"))
+    faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
+    results = []
+    if faces:
+        results = await runtime.search(np.stack([f.embedding for f in faces]), options.top_k, threshold)
+    return IdentifyResponse(
+        image=image_info(image),
+        threshold=threshold,
+        faces=[
+            IdentifiedFace(
+                **face_model(face).model_dump(),
+                matches=[
+                    IdentityMatch(identity_id=m.identity_id, similarity=m.similarity, display_name=m.display_name)
+                    for m in matches
+                ],
+            )
+            for face, matches in zip(faces, results)
+        ],
+    )

@@ -1,0 +1,198 @@
+"""Gallery endpoints: /enroll and the management of enrolled identities."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from service.api.runtime import Runtime, RuntimeDep
+from service.api.uploads import ImageUpload, openapi_body, read_request
+from service.errors import FaceServiceError, NoFace, TooManyFaces
+from service.pipeline import Face, largest
+from service.schemas import (
+    Deleted,
+    EnrolledFace,
+    EnrollOptions,
+    EnrollResponse,
+    IdentityDetail,
+    IdentityId,
+    IdentityPage,
+    IdentitySummary,
+    PageOptions,
+    StoredFace,
+    error_responses,
+    face_model,
+)
+from service.security import require_api_key
+
+router = APIRouter(
+    tags=["gallery"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 422, 503),
+)
+
+IdentityPath = Annotated[IdentityId, Path(description="The identity's id.")]
+FaceIdPath = Annotated[
+    str, Path(description="A face id returned by /enroll.", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+]
+
+
+def _time(unix_seconds: float) -> datetime:
+    return datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
+
+
+async def _enrollable_face(runtime: Runtime, upload: ImageUpload, options: EnrollOptions) -> Face:
+    image = await runtime.decode(upload)
+    faces = await runtime.faces(image, options, embed=False)
+    if not faces:
+        raise NoFace(f"images[{upload.index}]: no face found", details=upload.describe())
+    if len(faces) > 1 and options.multiple_faces == "reject":
+        raise TooManyFaces(
+            f"images[{upload.index}]: {len(faces)} faces found; send a photo of one person, or set "
+            "multiple_faces=largest",
+            details={**upload.describe(), "faces_found": len(faces)},
+        )
+    face = largest(faces)
+    await runtime.embed(image, [face])
+    return face
+
+
+@router.post(
+    "/enroll",
+    response_model=EnrollResponse,
+    summary="Enrol face images under an identity",
+    description=(
+        "Adds one face per image in `images` to `identity_id`, creating the identity if new (a given "
+        "`display_name` or `metadata` replaces the stored one). Each image must hold exactly one face; with "
+        "`multiple_faces=largest` its largest face is used instead. If any image is rejected, nothing is "
+        "stored: the error lists every rejected image (`details.rejected`: index, filename, code, reason). "
+        "The enrolment is one database transaction, committed to disk before the response."
+    ),
+    responses=error_responses(400, 413, 415),
+    openapi_extra=openapi_body(EnrollOptions, list_field="images", required=("images",)),
+)
+async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
+    settings = runtime.settings
+    body = await read_request(
+        request, EnrollOptions, list_field="images", required=("images",),
+        max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
+    )
+    options = body.options
+    uploads = body.images["images"]
+    faces: list[Face] = []
+    rejected: list[tuple[ImageUpload, FaceServiceError]] = []
+    for upload in uploads:  # check every image, so one answer names all the bad ones
+        try:
+            faces.append(await _enrollable_face(runtime, upload, options))
+        except FaceServiceError as exc:
+            rejected.append((upload, exc))
+    if rejected:
+        first = rejected[0][1]
+        first.message = (
+            f"{len(rejected)} of {len(uploads)} image(s) rejected, nothing enrolled: "
+            + "; ".join(exc.message for _, exc in rejected)
+        )
+        first.details = {
+            "rejected": [
+                {**upload.describe(), "code": exc.code, "reason": exc.message, **exc.details}
+                for upload, exc in rejected
+            ]
+        }
+        raise first
+
+    sources = [
+        {"filename": u.filename, "image_index": u.index, "box": face_model(f).box, "score": round(float(f.score), 5)}
+        for u, f in zip(uploads, faces)
+    ]
+    face_ids = await runtime.in_gallery(
+        runtime.gallery.enroll,
+        options.identity_id,
+        np.stack([f.embedding for f in faces]),
+        options.display_name,
+        options.metadata,
+        sources=sources,
+    )
+    identity = await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
+    await runtime.refresh_gallery_gauge()
+    return EnrollResponse(
+        identity_id=identity.identity_id,
+        display_name=identity.display_name,
+        faces=[
+            EnrolledFace(face_id=face_id, image_index=u.index, filename=u.filename, box=s["box"], score=s["score"])
+            for face_id, u, s in zip(face_ids, uploads, sources)
+        ],
+        face_ids=face_ids,
+        face_count=identity.face_count,
+    )
+
+
+def _summary(identity) -> dict:
+    return {
+        "identity_id": identity.identity_id,
+        "display_name": identity.display_name,
+        "metadata": identity.metadata,
+        "face_count": identity.face_count,
+        "foreign_face_count": identity.foreign_face_count,
+        "created_at": _time(identity.created_at),
+    }
+
+
+@router.get("/identities", response_model=IdentityPage, summary="List enrolled identities (ordered by id)")
+async def list_identities(page: Annotated[PageOptions, Query()], runtime: RuntimeDep) -> IdentityPage:
+    identities, total = await runtime.in_gallery(runtime.gallery.list_identities, page.offset, page.limit)
+    return IdentityPage(
+        items=[IdentitySummary(**_summary(i)) for i in identities],
+        total=total,
+        offset=page.offset,
+        limit=page.limit,
+    )
+
+
+@router.get(
+    "/identities/{identity_id}",
+    response_model=IdentityDetail,
+    summary="One identity with its faces",
+    responses=error_responses(404),
+)
+async def get_identity(identity_id: IdentityPath, runtime: RuntimeDep) -> IdentityDetail:
+    identity = await runtime.in_gallery(runtime.gallery.get_identity, identity_id)
+    return IdentityDetail(
+        **_summary(identity),
+        faces=[
+            StoredFace(
+                face_id=f.face_id,
+                created_at=_time(f.created_at),
+                model_sha256=f.model_sha256,
+                current_model=f.current_model,
+                source=f.source,
+            )
+            for f in identity.faces or []
+        ],
+    )
+
+
+@router.delete(
+    "/identities/{identity_id}",
+    response_model=Deleted,
+    summary="Delete an identity and all its faces (erased from disk)",
+    responses=error_responses(404),
+)
+async def delete_identity(identity_id: IdentityPath, runtime: RuntimeDep) -> Deleted:
+    count = await runtime.in_gallery(runtime.gallery.delete_identity, identity_id)
+    await runtime.refresh_gallery_gauge()
+    return Deleted(identity_id=identity_id, faces_deleted=count)
+
+
+@router.delete(
+    "/identities/{identity_id}/faces/{face_id}",
+    response_model=Deleted,
+    summary="Delete one face of an identity (the identity stays)",
+    responses=error_responses(404),
+)
+async def delete_face(identity_id: IdentityPath, face_id: FaceIdPath, runtime: RuntimeDep) -> Deleted:
+    await runtime.in_gallery(runtime.gallery.delete_face, identity_id, face_id)
+    await runtime.refresh_gallery_gauge()
+    return Deleted(identity_id=identity_id, face_id=face_id, faces_deleted=1)

@@ -1,0 +1,181 @@
+"""What the routers work with: the loaded models, the gallery, and the thread pools that run them.
+
+The event loop never blocks: image decoding and ONNX Runtime run in the inference pool (FACE_INFERENCE_WORKERS
+threads; ORT and OpenCV release the GIL), SQLite in a one-thread gallery pool (one writer at a time is what
+SQLite allows anyway, and one thread keeps the connection where it was made). Each stage is timed into the
+`face_stage_duration_seconds` histogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Annotated, Any, Callable, TypeVar
+
+import numpy as np
+from fastapi import Depends, Request
+
+from service.api.uploads import ImageUpload
+from service.detector import RetinaFaceDetector
+from service.embedder import Embedder
+from service.errors import FaceServiceError
+from service.gallery import Gallery
+from service.images import decode_image
+from service.metrics import Metrics
+from service.onnx_model import session_options
+from service.pipeline import Face, Pipeline
+from service.schemas import DetectionOptions
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NotReady(FaceServiceError):
+    """The models or the gallery are not loaded (start-up or shutdown in progress)."""
+
+    code = "not_ready"
+    status = 503
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        pipeline: Pipeline,
+        gallery: Gallery,
+        inference_pool: ThreadPoolExecutor,
+        gallery_pool: ThreadPoolExecutor,
+    ):
+        self.settings = settings
+        self.metrics = metrics
+        self.pipeline = pipeline
+        self.detector = pipeline.detector
+        self.embedder = pipeline.embedder
+        self.gallery = gallery
+        self._inference = inference_pool
+        self._gallery = gallery_pool
+        if settings.match_threshold is not None:
+            self.threshold, self.threshold_source = float(settings.match_threshold), "settings"
+        else:
+            self.threshold, self.threshold_source = float(self.embedder.threshold), "model"
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
+        """Load both models and open the gallery; raise (and so refuse to serve) on any problem."""
+        options = partial(session_options, settings.intra_op_threads, settings.inter_op_threads)
+        loop = asyncio.get_running_loop()
+        inference_pool = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="inference")
+        gallery_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery")
+        try:
+            detector = await loop.run_in_executor(
+                inference_pool, partial(RetinaFaceDetector, settings.detector_path, options())
+            )
+            embedder = await loop.run_in_executor(
+                inference_pool,
+                partial(Embedder, settings.embedder_path, options(), flip=settings.embed_flip),
+            )
+            if settings.match_threshold is None and embedder.threshold is None:
+                raise ValueError(
+                    f"{settings.embedder_path.name} carries no face.embedder.threshold: set FACE_MATCH_THRESHOLD"
+                )
+            settings.gallery_path.parent.mkdir(parents=True, exist_ok=True)
+            gallery = await loop.run_in_executor(
+                gallery_pool,
+                partial(Gallery, settings.gallery_path, embedder.sha256, embedder.embedding_size),
+            )
+        except BaseException:
+            inference_pool.shutdown(wait=False, cancel_futures=True)
+            gallery_pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        runtime = cls(settings, metrics, Pipeline(detector, embedder), gallery, inference_pool, gallery_pool)
+        await runtime.refresh_gallery_gauge()
+        return runtime
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._inference.shutdown(wait=True)
+        close = getattr(self.gallery, "close", None)
+        if close is not None:
+            await loop.run_in_executor(self._gallery, close)
+        self._gallery.shutdown(wait=True)
+
+    # --- running blocking work ----------------------------------------------------------------------
+    async def infer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._inference, partial(fn, *args, **kwargs))
+
+    async def in_gallery(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._gallery, partial(fn, *args, **kwargs))
+
+    # --- pipeline stages ----------------------------------------------------------------------------
+    async def decode(self, upload: ImageUpload) -> np.ndarray:
+        """Bytes -> BGR image; an error says which upload it was about (field, index, filename)."""
+        try:
+            return await self.infer(self._decode, upload.data)
+        except FaceServiceError as exc:
+            exc.details = {**upload.describe(), **exc.details}
+            exc.message = f"{upload.field}{f'[{upload.index}]' if upload.field == 'images' else ''}: {exc.message}"
+            raise
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        with self.metrics.stage("decode"):
+            return decode_image(
+                data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
+            )
+
+    async def faces(
+        self, image: np.ndarray, options: DetectionOptions, *, embed: bool, max_faces: int | None = None
+    ) -> list[Face]:
+        """Faces in the image, best score first, at most FACE_MAX_FACES; with embeddings when `embed`."""
+        limit = min(max_faces or self.settings.max_faces, self.settings.max_faces)
+        return await self.infer(self._faces, image, options, embed, limit)
+
+    def _faces(self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int) -> list[Face]:
+        score = options.min_score if options.min_score is not None else self.settings.detection_score_threshold
+        with self.metrics.stage("detect"):
+            faces = self.pipeline.detect(
+                image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces
+            )
+        self.metrics.faces.inc(len(faces))
+        if embed and faces:
+            self._embed(image, faces)
+        return faces
+
+    def _embed(self, image: np.ndarray, faces: list[Face]) -> None:
+        with self.metrics.stage("align"):
+            crops = self.pipeline.align(image, faces)
+        with self.metrics.stage("embed"):
+            embeddings = self.embedder.embed(crops)
+        for face, embedding in zip(faces, embeddings):
+            face.embedding = embedding
+
+    async def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Embed only the given faces (e.g. the one chosen for /verify), not every face in the image."""
+        await self.infer(self._embed, image, faces)
+        return faces
+
+    async def search(self, embeddings: np.ndarray, top_k: int, threshold: float):
+        def run():
+            with self.metrics.stage("search"):
+                return self.gallery.search(embeddings, top_k=top_k, threshold=threshold)
+
+        return await self.in_gallery(run)
+
+    async def refresh_gallery_gauge(self) -> None:
+        count = getattr(self.gallery, "count_faces", None)
+        if count is not None:
+            self.metrics.gallery_faces.set(await self.in_gallery(count))
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise NotReady("the service is starting or stopping; retry shortly")
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

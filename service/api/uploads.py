@@ -1,0 +1,227 @@
+"""Reading images and options out of a request: multipart uploads or a JSON body with base64 images.
+
+Every image endpoint accepts both on the same path:
+- `multipart/form-data`: image fields are file parts, options are text fields (`metadata` as a JSON string);
+- `application/json`: image fields are base64 strings (a `data:image/...;base64,` prefix is allowed, and
+  `images` is a list of them), options are JSON values.
+Options may also come as query parameters; a body field wins over a query parameter of the same name.
+URLs are never fetched.
+
+The size of a whole request body is bounded before it is read (service.app.BodyLimitMiddleware, with limits
+from `body_limit`), so an oversized upload costs the server a header check, not the upload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
+
+Options = TypeVar("Options", bound=BaseModel)
+
+# Text fields are options and small JSON; 64 KiB leaves room for metadata (itself capped at 16 KiB).
+MAX_TEXT_FIELD_BYTES = 64 * 1024
+# Multipart framing, text fields and headers on top of the images themselves.
+BODY_OVERHEAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    """One uploaded image, still encoded, with enough of a name to point at it in an error."""
+
+    field: str
+    index: int
+    filename: str | None
+    data: bytes
+
+    def describe(self) -> dict[str, Any]:
+        where: dict[str, Any] = {"field": self.field, "image_index": self.index}
+        if self.filename:
+            where["filename"] = self.filename
+        return where
+
+
+@dataclass(frozen=True)
+class ParsedRequest(Generic[Options]):
+    images: dict[str, list[ImageUpload]]
+    options: Options
+
+    def one(self, field: str) -> ImageUpload | None:
+        found = self.images.get(field) or []
+        return found[0] if found else None
+
+
+def base64_limit(max_bytes: int) -> int:
+    """Characters of base64 that can encode at most `max_bytes` bytes."""
+    return 4 * math.ceil(max_bytes / 3)
+
+
+def body_limit(max_image_bytes: int, images: int) -> int:
+    """Largest request body for `images` images: base64 in JSON is 4/3 of the bytes, multipart less."""
+    return images * base64_limit(max_image_bytes) + BODY_OVERHEAD_BYTES
+
+
+def _decode_base64(text: Any, field: str, index: int, max_bytes: int) -> ImageUpload:
+    if not isinstance(text, str):
+        raise InvalidParameter(
+            f"{field} must be a base64 string", details={"field": field, "image_index": index}
+        )
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise InvalidImage(f"{field} is a data URL without base64", details={"field": field})
+    text = "".join(text.split())  # tolerate line-wrapped base64
+    if len(text) > base64_limit(max_bytes):
+        raise ImageTooLarge(
+            f"{field} is larger than {max_bytes} bytes",
+            details={"field": field, "image_index": index, "max_bytes": max_bytes},
+        )
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(
+            f"{field} is not valid base64", details={"field": field, "image_index": index}
+        ) from None
+    return ImageUpload(field, index, None, data)
+
+
+async def _read_upload(upload: UploadFile, field: str, index: int, max_bytes: int) -> ImageUpload:
+    # Read one byte past the limit: enough to know it is too large without reading the rest.
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"{field} is larger than {max_bytes} bytes",
+            details={"field": field, "image_index": index, "filename": upload.filename, "max_bytes": max_bytes},
+        )
+    return ImageUpload(field, index, upload.filename, data)
+
+
+async def read_request(
+    request: Request,
+    options_model: type[Options],
+    *,
+    images: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    list_field: str | None = None,
+    max_images: int = 1,
+    max_image_bytes: int,
+) -> ParsedRequest[Options]:
+    """Parse the body (multipart or JSON) and query into images and validated options.
+
+    `images` names single-image fields, `list_field` one field that may repeat (up to `max_images`),
+    `required` those that must be present. Options are validated against `options_model`; failures raise
+    RequestValidationError, which the app maps to 422 invalid_parameter like any other.
+    """
+    image_fields = set(images) | ({list_field} if list_field else set())
+    found: dict[str, list[ImageUpload]] = {}
+    raw: dict[str, Any] = dict(request.query_params)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(
+                max_files=max_images + len(images) + 1, max_fields=32, max_part_size=MAX_TEXT_FIELD_BYTES
+            )
+        except StarletteHTTPException as exc:  # Starlette's MultiPartException, surfaced as a 400
+            raise InvalidParameter(f"malformed multipart body: {exc.detail}") from None
+        for key, value in form.multi_items():
+            if key in image_fields:
+                if not isinstance(value, UploadFile):
+                    raise InvalidParameter(
+                        f"{key} must be a file part (send base64 only in a JSON body)", details={"field": key}
+                    )
+                index = len(found.get(key, []))
+                if key != list_field and index >= 1:
+                    raise InvalidParameter(f"{key} given more than once", details={"field": key})
+                found.setdefault(key, []).append(await _read_upload(value, key, index, max_image_bytes))
+            elif isinstance(value, UploadFile):
+                raise InvalidParameter(f"unexpected file field {key!r}", details={"field": key})
+            else:
+                raw[key] = value
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidParameter(f"the JSON body does not parse: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidParameter("the JSON body must be an object")
+        for key, value in body.items():
+            if key in image_fields:
+                items = value if key == list_field and isinstance(value, list) else [value]
+                found[key] = [_decode_base64(v, key, i, max_image_bytes) for i, v in enumerate(items)]
+            else:
+                raw[key] = value
+    elif image_fields or request.headers.get("content-length", "0") not in ("", "0"):
+        raise UnsupportedMediaType(
+            f"send multipart/form-data or application/json, not {content_type or 'no content type'}",
+            details={"content_type": content_type or None},
+        )
+
+    for key in required:
+        if not found.get(key):
+            raise InvalidParameter(f"{key} is required", details={"field": key})
+    if list_field and len(found.get(list_field, [])) > max_images:
+        raise InvalidParameter(
+            f"at most {max_images} images per request",
+            details={"field": list_field, "max_images": max_images},
+        )
+    try:
+        options = options_model.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    return ParsedRequest(found, options)
+
+
+def openapi_body(
+    options_model: type[BaseModel],
+    *,
+    images: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    list_field: str | None = None,
+    description: str = "",
+) -> dict[str, Any]:
+    """`openapi_extra` documenting the two body encodings read_request accepts, built from the options model.
+
+    The handlers read the body themselves (to accept both encodings on one path), so FastAPI cannot infer
+    this part of the schema; it is derived here from the same pydantic model that validates the options.
+    """
+    schema = options_model.model_json_schema()
+    options = schema.get("properties", {})
+    needed = [*required, *schema.get("required", [])]
+    form_options = {
+        name: ({"type": "string", "description": prop.get("description", "") + " (a JSON string)"}
+               if name == "metadata" else prop)
+        for name, prop in options.items()
+    }
+
+    def image_props(encoding: dict[str, str]) -> dict[str, Any]:
+        props: dict[str, Any] = {name: {**encoding} for name in images}
+        if list_field:
+            props[list_field] = {"type": "array", "items": {**encoding}, "minItems": 1}
+        return props
+
+    binary = {"type": "string", "format": "binary", "description": "An image file (JPEG, PNG, WebP, BMP)."}
+    base64_ = {"type": "string", "format": "byte", "description": "Base64 of an image file (data: URL allowed)."}
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {**image_props(binary), **form_options}, "required": needed}
+        },
+        "application/json": {
+            "schema": {"type": "object", "properties": {**image_props(base64_), **options}, "required": needed}
+        },
+    }
+    if "$defs" in schema:  # nested models (none today) would need their definitions
+        for body in content.values():
+            body["schema"]["$defs"] = schema["$defs"]
+    return {"requestBody": {"required": True, "description": description, "content": content}}

@@ -1,0 +1,286 @@
+"""Pydantic models for every request option and every response: the OpenAPI document is built from these.
+
+Coordinates are pixels of the image as decoded (see service/images.py for EXIF orientation),
+x to the right and y down; a box is [x1, y1, x2, y2]; landmarks are five [x, y] points in the order left eye,
+right eye (viewer's side), nose tip, left mouth corner, right mouth corner.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from service.gallery import IDENTITY_ID_PATTERN
+
+IdentityId = Annotated[
+    str,
+    StringConstraints(pattern=IDENTITY_ID_PATTERN.pattern),
+    Field(
+        description="Client-chosen identity key: 1-128 characters of letters, digits, '_', '.', '-', "
+        "starting with a letter or digit.",
+        examples=["alice.smith"],
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_image, not_found.")
+    message: str = Field(description="What went wrong, for humans.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Structured context, e.g. which image.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --------------------------------------------------------------------------------------------------
+# Request options (multipart form fields, JSON body fields, or query parameters)
+# --------------------------------------------------------------------------------------------------
+class _Options(BaseModel):
+    # Unknown fields are refused: a typo (`topk`) must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DetectionOptions(_Options):
+    min_score: float | None = Field(
+        None, gt=0.0, le=1.0, description="Minimum face probability; default: FACE_DETECTION_SCORE_THRESHOLD."
+    )
+    min_face_size: int = Field(0, ge=0, le=100_000, description="Drop faces whose box is smaller (px, shorter side).")
+
+
+class DetectOptions(DetectionOptions):
+    max_faces: int | None = Field(None, ge=1, description="Return at most this many faces (best scores first).")
+
+
+class VerifyOptions(DetectionOptions):
+    identity_id: IdentityId | None = Field(
+        None, description="Compare image1 with this enrolled identity instead of with image2."
+    )
+    face1: int | None = Field(
+        None, ge=0, description="Index of the face to use in image1, in /detect order; default: the largest."
+    )
+    face2: int | None = Field(
+        None, ge=0, description="Index of the face to use in image2, in /detect order; default: the largest."
+    )
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Override the match threshold (cosine similarity)."
+    )
+
+
+class IdentifyOptions(DetectOptions):
+    top_k: int = Field(5, ge=1, le=100, description="Most identities returned per face.")
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Override the match threshold (cosine similarity)."
+    )
+
+
+class EnrollOptions(DetectionOptions):
+    identity_id: IdentityId
+    display_name: str | None = Field(None, max_length=256, description="Human-readable name.")
+    metadata: dict[str, Any] | None = Field(
+        None, description="Free-form JSON object stored with the identity (a JSON string in multipart)."
+    )
+    multiple_faces: Literal["reject", "largest"] = Field(
+        "reject",
+        description="What to do with an image holding several faces: `reject` it (default: enrolling a "
+        "bystander would poison the identity) or enrol its `largest` face.",
+    )
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _parse_json(cls, value):
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"metadata is not valid JSON: {exc.msg}") from None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("metadata must be a JSON object")
+        if value is not None and len(json.dumps(value)) > 16_384:
+            raise ValueError("metadata must stay under 16 KiB of JSON")
+        return value
+
+
+class PageOptions(_Options):
+    offset: int = Field(0, ge=0, description="Items to skip.")
+    limit: int = Field(50, ge=1, le=1000, description="Most items returned.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------------
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class Face(BaseModel):
+    box: list[float] = Field(min_length=4, max_length=4, description="[x1, y1, x2, y2] in image pixels.")
+    score: float = Field(description="Face probability from the detector, 0..1.")
+    landmarks: list[Point] = Field(min_length=5, max_length=5, description="Five [x, y] points in image pixels.")
+
+
+def face_model(face) -> Face:
+    """A pipeline Face (numpy arrays) as its public shape; pixels to 0.01 px, scores to 1e-5."""
+    return Face(
+        box=[round(float(v), 2) for v in face.box],
+        score=round(float(face.score), 5),
+        landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
+    )
+
+
+class DetectResponse(BaseModel):
+    image: ImageInfo
+    faces: list[Face] = Field(description="Faces, best score first.")
+
+
+class VerifiedFace(Face):
+    index: int = Field(description="Index of this face among the image's faces, in /detect order.")
+    faces_found: int = Field(description="How many faces the image holds.")
+
+
+class VerifyResponse(BaseModel):
+    match: bool = Field(description="similarity >= threshold.")
+    similarity: float = Field(description="Cosine similarity of the two embeddings, -1..1.")
+    threshold: float
+    face1: VerifiedFace
+    face2: VerifiedFace | None = Field(None, description="The face used from image2 (absent with identity_id).")
+    identity_id: str | None = Field(None, description="The identity compared against (with identity_id).")
+
+
+class IdentityMatch(BaseModel):
+    identity_id: str
+    similarity: float = Field(description="Best cosine similarity over the identity's enrolled faces.")
+    display_name: str | None = None
+
+
+class IdentifiedFace(Face):
+    matches: list[IdentityMatch] = Field(
+        description="Enrolled identities at or above the threshold, best first; empty: nobody we know."
+    )
+
+
+class IdentifyResponse(BaseModel):
+    image: ImageInfo
+    threshold: float
+    faces: list[IdentifiedFace]
+
+
+class EnrolledFace(BaseModel):
+    face_id: str
+    image_index: int = Field(description="Which uploaded image (0-based) the face came from.")
+    filename: str | None = None
+    box: list[float] = Field(min_length=4, max_length=4)
+    score: float
+
+
+class EnrollResponse(BaseModel):
+    identity_id: str
+    display_name: str | None = None
+    faces: list[EnrolledFace] = Field(description="The faces stored by this request.")
+    face_ids: list[str] = Field(description="Ids of the faces stored by this request.")
+    face_count: int = Field(description="Faces the identity now holds (this request's and earlier ones).")
+
+
+class StoredFace(BaseModel):
+    face_id: str
+    created_at: datetime
+    model_sha256: str = Field(description="sha256 of the embedder file that made this face's embedding.")
+    current_model: bool = Field(description="Made by the loaded embedder (false: kept, never matched).")
+    source: dict[str, Any] | None = Field(None, description="Where the face came from (file name, box).")
+
+
+class IdentitySummary(BaseModel):
+    identity_id: str
+    display_name: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    face_count: int = Field(description="Faces matched with the loaded embedder.")
+    foreign_face_count: int = Field(0, description="Faces from other embedders, excluded from matching.")
+    created_at: datetime
+
+
+class IdentityDetail(IdentitySummary):
+    faces: list[StoredFace]
+
+
+class IdentityPage(BaseModel):
+    items: list[IdentitySummary]
+    total: int
+    offset: int
+    limit: int
+
+
+class Deleted(BaseModel):
+    deleted: bool = True
+    identity_id: str
+    face_id: str | None = None
+    faces_deleted: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    detector: str
+    embedder: str
+    gallery_faces: int
+
+
+class ModelInfo(BaseModel):
+    file: str
+    sha256: str
+    kind: str
+    arch: str | None = None
+    input_size: list[int] | None = None
+    metadata: dict[str, str] = Field(description="The model's ONNX metadata_props, as stored.")
+
+
+class EmbedderInfo(ModelInfo):
+    embedding_size: int
+    threshold: float = Field(description="Match threshold in force (FACE_MATCH_THRESHOLD or the model's).")
+    threshold_source: Literal["settings", "model"]
+    flip: bool
+
+
+class GalleryInfo(BaseModel):
+    identities: int
+    faces: int = Field(description="Faces made by the loaded embedder: the ones matched against.")
+    foreign_faces: int = Field(
+        description="Faces made by other embedders: kept but excluded from matching (re-enrol to use them)."
+    )
+
+
+class ModelsResponse(BaseModel):
+    detector: ModelInfo
+    embedder: EmbedderInfo
+    gallery: GalleryInfo
+
+
+_ERROR_MEANINGS = {
+    400: "Not a decodable image (invalid_image).",
+    401: "Missing or wrong API key (unauthorized).",
+    404: "No such identity or face (not_found).",
+    409: "The identity has nothing to compare with (conflict, model_mismatch).",
+    413: "Image or request body too large, or too many pixels (image_too_large).",
+    415: "Not a supported image format or body type (unsupported_media_type).",
+    422: "Bad parameter (invalid_parameter), no face (no_face) or too many faces (too_many_faces).",
+    503: "Models or gallery not loaded (not_ready).",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the error statuses an endpoint can return, all in one shape."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in statuses}

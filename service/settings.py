@@ -1,0 +1,119 @@
+"""The service's configuration: one pydantic-settings class, read from the environment and checked at start-up.
+
+Every setting is an environment variable with the prefix `FACE_` (`FACE_MODELS_DIR`, `FACE_API_KEYS`, ...),
+except `HOST` and `PORT`, which are read bare because that is what container platforms set. Nothing reads the
+environment at import time: `Settings()` is built by `create_app()` (or passed in by a test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FACE_", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    # --- models -------------------------------------------------------------------------------------
+    models_dir: Path = Field(Path("artifacts/models"), description="Folder holding the ONNX models.")
+    detector_model: str = Field(
+        "retinaface_mnet025.onnx", description="Detector file, relative to models_dir (or an absolute path)."
+    )
+    embedder_model: str = Field(
+        "mobilefacenet_192.onnx", description="Embedder file, relative to models_dir (or an absolute path)."
+    )
+    embed_flip: bool | None = Field(
+        None,
+        description="Average each embedding with that of the mirrored crop. Unset: what the embedder's "
+        "metadata (face.embedder.flip) recommends.",
+    )
+
+    # --- decisions ----------------------------------------------------------------------------------
+    match_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine similarity at or above which two faces are the same person. Unset: the "
+        "embedder's own face.embedder.threshold (start-up fails if it has none).",
+    )
+    detection_score_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Default minimum face probability. Unset: the detector's face.detector.score_threshold.",
+    )
+    max_faces: int = Field(100, ge=1, description="Most faces one image is analysed for (largest-score first).")
+
+    # --- input limits -------------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * MB, ge=1024, description="Largest accepted encoded image, in bytes.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=64 * 64, description="Largest accepted decoded image (width x height): bomb guard."
+    )
+    max_enroll_images: int = Field(10, ge=1, le=100, description="Most images one enrolment request carries.")
+
+    # --- gallery ------------------------------------------------------------------------------------
+    gallery_path: Path = Field(Path("data/gallery.db"), description="SQLite file of enrolled identities.")
+
+    # --- compute ------------------------------------------------------------------------------------
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads inside one operator (0 = ORT).")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators (0 = ORT).")
+    inference_workers: int = Field(
+        1, ge=1, le=64, description="Threads running decode + inference concurrently, off the event loop."
+    )
+
+    # --- security -----------------------------------------------------------------------------------
+    # NoDecode: the value is a comma-separated list, not the JSON pydantic-settings expects for lists.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; empty means the API is open. Sent as X-API-Key or "
+        "Authorization: Bearer.",
+    )
+
+    # --- server -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "port"))
+    workers: int = Field(
+        1, ge=1, le=64, description="Uvicorn worker processes (each loads the models and opens the gallery)."
+    )
+    log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        keys = [k.strip() for k in value or [] if k and k.strip()]
+        for key in keys:
+            if len(key) < 16:
+                raise ValueError("every API key must be at least 16 characters long")
+        return keys
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> Settings:
+        for path in (self.detector_path, self.embedder_path):
+            if not path.is_file():
+                raise ValueError(f"model file {path} does not exist (run `make models` or set FACE_MODELS_DIR)")
+        return self
+
+    @property
+    def detector_path(self) -> Path:
+        return self.models_dir / self.detector_model
+
+    @property
+    def embedder_path(self) -> Path:
+        return self.models_dir / self.embedder_model
