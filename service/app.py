@@ -87,9 +87,8 @@ def _validation_errors(errors) -> list[dict]:
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = _validation_errors(exc.errors())
-    fields = ", ".join(e["field"] for e in errors if e["field"]) or "request"
     summary = "; ".join(f"{e['field'] or 'request'}: {e['message']}" for e in errors)
-    return error_response(422, "invalid_parameter", f"invalid {fields}: {summary}", {"errors": errors})
+    return error_response(422, "invalid_parameter", f"invalid parameter: {summary}", {"errors": errors})
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -51,7 +51,9 @@ class DetectionOptions(_Options):
     min_score: float | None = Field(
         None, gt=0.0, le=1.0, description="Minimum face probability; default: FACE_DETECTION_SCORE_THRESHOLD."
     )
-    min_face_size: int = Field(0, ge=0, le=100_000, description="Drop faces whose box is smaller (px, shorter side).")
+    min_face_size: float = Field(
+        0, ge=0, le=100_000, description="Drop faces whose box is smaller than this (pixels, shorter side)."
+    )
 
 
 class DetectOptions(DetectionOptions):
@@ -126,7 +128,11 @@ class ImageInfo(BaseModel):
 
 
 class Face(BaseModel):
-    box: list[float] = Field(min_length=4, max_length=4, description="[x1, y1, x2, y2] in image pixels.")
+    box: list[float] = Field(
+        min_length=4,
+        max_length=4,
+        description="[x1, y1, x2, y2] in image pixels; a face cut by the image edge may reach past it.",
+    )
     score: float = Field(description="Face probability from the detector, 0..1.")
     landmarks: list[Point] = Field(min_length=5, max_length=5, description="Five [x, y] points in image pixels.")
 
