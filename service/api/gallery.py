@@ -90,18 +90,17 @@ async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
         except FaceServiceError as exc:
             rejected.append((upload, exc))
     if rejected:
-        first = rejected[0][1]
-        first.message = (
+        # The first rejection sets code and status; the details list every rejected image.
+        raise type(rejected[0][1])(
             f"{len(rejected)} of {len(uploads)} image(s) rejected, nothing enrolled: "
-            + "; ".join(exc.message for _, exc in rejected)
+            + "; ".join(exc.message for _, exc in rejected),
+            details={
+                "rejected": [
+                    {**upload.describe(), "code": exc.code, "reason": exc.message, **exc.details}
+                    for upload, exc in rejected
+                ]
+            },
         )
-        first.details = {
-            "rejected": [
-                {**upload.describe(), "code": exc.code, "reason": exc.message, **exc.details}
-                for upload, exc in rejected
-            ]
-        }
-        raise first
 
     sources = [
         {"filename": u.filename, "image_index": u.index, "box": face_model(f).box, "score": round(float(f.score), 5)}
