@@ -1,0 +1,78 @@
+"""API keys: with FACE_API_KEYS set, everything but /health and /ready needs a valid key."""
+
+from __future__ import annotations
+
+import pytest
+from api_support import API_KEY, api_client, error_code, photo
+from pydantic import ValidationError
+
+from service.security import key_matches
+from service.settings import Settings
+
+OTHER_KEY = "second-key-fedcba9876543210"
+
+
+@pytest.fixture(scope="module")
+def client(models_dir, tmp_path_factory):
+    with api_client(models_dir, tmp_path_factory.mktemp("gallery"), api_keys=f"{API_KEY}, {OTHER_KEY}") as c:
+        yield c
+
+
+PROTECTED = [
+    ("get", "/models"),
+    ("get", "/metrics"),
+    ("get", "/identities"),
+    ("get", "/identities/someone"),
+    ("delete", "/identities/someone"),
+    ("post", "/detect"),
+    ("post", "/verify"),
+    ("post", "/identify"),
+    ("post", "/enroll"),
+]
+
+
+@pytest.mark.parametrize("method, path", PROTECTED)
+def test_protected_endpoints_refuse_missing_and_wrong_keys(client, method, path):
+    for headers in ({}, {"X-API-Key": "wrong-key-0123456789abcdef"}, {"Authorization": f"Bearer {API_KEY}x"},
+                    {"Authorization": f"Basic {API_KEY}"}):
+        response = getattr(client, method)(path, headers=headers)
+        assert response.status_code == 401, (path, headers, response.text)
+        assert error_code(response) == "unauthorized"
+        assert "WWW-Authenticate" in response.headers
+
+
+def test_health_and_ready_stay_open(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 200
+
+
+def test_valid_keys_in_either_header(client, faces_dir):
+    image = {"image": ("a.jpg", photo(faces_dir, "pairs/img5.jpg"))}
+    for headers in ({"X-API-Key": API_KEY}, {"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": OTHER_KEY}):
+        assert client.get("/models", headers=headers).status_code == 200
+        response = client.post("/detect", files=image, headers=headers)
+        assert response.status_code == 200 and len(response.json()["faces"]) == 1
+
+
+def test_key_check_happens_before_the_body_is_used(client):
+    # An unauthenticated client learns nothing about its input: 401, not a validation error.
+    response = client.post("/detect", files={"image": ("x.jpg", b"not an image")})
+    assert response.status_code == 401
+
+
+def test_key_matching():
+    assert key_matches(API_KEY, [OTHER_KEY, API_KEY])
+    assert not key_matches(API_KEY[:-1], [API_KEY])
+    assert not key_matches("", [API_KEY])
+    assert not key_matches(API_KEY, [])
+
+
+def test_settings_parse_and_check_keys(models_dir, monkeypatch):
+    monkeypatch.setenv("FACE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACE_API_KEYS", f" {API_KEY} ,,{OTHER_KEY} ")
+    assert Settings().api_keys == [API_KEY, OTHER_KEY]
+    monkeypatch.setenv("FACE_API_KEYS", "")
+    assert Settings().api_keys == []
+    monkeypatch.setenv("FACE_API_KEYS", "short")
+    with pytest.raises(ValidationError):
+        Settings()
