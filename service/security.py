@@ -8,7 +8,7 @@ does not leak how much of a guess was right.
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -21,7 +21,9 @@ class Unauthorized(FaceServiceError):
 
     code = "unauthorized"
     status = 401
-    headers = {"WWW-Authenticate": 'Bearer realm="facerec", ApiKey header="X-API-Key"'}
+    headers: ClassVar[dict[str, str]] = {
+        "WWW-Authenticate": 'Bearer realm="facerec", ApiKey header="X-API-Key"'
+    }
 
 
 # auto_error=False: a missing header must reach our check (and our error shape), not FastAPI's 403.

@@ -7,6 +7,9 @@ import base64
 import numpy as np
 import pytest
 from api_support import api_client, error_code, labelled_pairs, no_face_jpeg, photo
+from pydantic import ValidationError
+
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +213,19 @@ def test_concurrent_requests_are_all_answered(client, faces_dir):
         bodies = list(pool.map(lambda _: _detect(client, data), range(8)))
     assert all(b == expected for b in bodies)
     assert np.isfinite([f["score"] for b in bodies for f in b["faces"]]).all()
+
+
+def test_settings_come_from_the_environment(models_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("FACE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("FACE_MAX_FACES", "7")
+    monkeypatch.setenv("FACE_MATCH_THRESHOLD", "0.5")
+    settings = Settings()
+    assert (settings.host, settings.port, settings.max_faces, settings.match_threshold) == ("0.0.0.0", 9123, 7, 0.5)
+    for name, value in [("PORT", "0"), ("FACE_MATCH_THRESHOLD", "2"), ("FACE_MAX_FACES", "0"),
+                        ("FACE_INFERENCE_WORKERS", "zero"), ("FACE_MODELS_DIR", str(tmp_path))]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError):
+            Settings()
+        monkeypatch.delenv(name)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.runtime import NotReady, RuntimeDep
-from service.schemas import EmbedderInfo, GalleryInfo, Health, ModelInfo, ModelsResponse, Ready, error_responses
+from service.schemas import (
+    EmbedderInfo,
+    GalleryInfo,
+    Health,
+    ModelInfo,
+    ModelsResponse,
+    Ready,
+    error_responses,
+)
 from service.security import require_api_key
 
 router = APIRouter(tags=["system"])
