@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
@@ -116,10 +118,19 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     if options.identity_id is not None:  # fail fast on an unknown identity, before any inference
         await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
 
-    face1, index1, count1 = await _chosen_face(runtime, body.one("image1"), options, options.face1)
+    jobs = [_chosen_face(runtime, body.one("image1"), options, options.face1)]
+    if second is not None:
+        jobs.append(_chosen_face(runtime, second, options, options.face2))
+    # Both images in flight at once (they overlap when FACE_INFERENCE_WORKERS > 1); errors are raised in
+    # image order, so a request with two bad images always reports image1.
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    face1, index1, count1 = results[0]
     face2 = None
     if second is not None:
-        face2, index2, count2 = await _chosen_face(runtime, second, options, options.face2)
+        face2, index2, count2 = results[1]
         similarity = float(np.clip(np.dot(face1.embedding, face2.embedding), -1.0, 1.0))
     else:
         similarity = await _identity_similarity(runtime, options.identity_id, face1.embedding)
