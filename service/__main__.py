@@ -8,6 +8,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from service.app import create_app
 from service.settings import Settings
 
 
@@ -20,13 +21,13 @@ def main() -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # The factory re-reads the environment in each worker process, so workers > 1 need no pickling.
+    # One process: it owns the gallery file and its in-memory search matrix (a second process would not see
+    # the first one's enrolments). Concurrency comes from FACE_INFERENCE_WORKERS threads, since ONNX Runtime
+    # and OpenCV release the GIL while they compute.
     uvicorn.run(
-        "service.app:create_app",
-        factory=True,
+        create_app(settings),
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
         log_level=settings.log_level,
         # Bodies are bounded by BodyLimitMiddleware; keep-alive connections idle out quickly.
         timeout_keep_alive=5,

@@ -3,8 +3,6 @@
 Each app owns its own CollectorRegistry (not prometheus-client's global one), so several apps in one process
 (tests) do not collide. Endpoints are labelled by their route template (`/identities/{identity_id}`), never by
 the raw path, so the label set stays bounded whatever clients send.
-
-With FACE_WORKERS > 1 every worker process keeps its own numbers; scrape each or run one worker.
 """
 
 from __future__ import annotations

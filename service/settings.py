@@ -94,9 +94,6 @@ class Settings(BaseSettings):
     # --- server -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "port"))
-    workers: int = Field(
-        1, ge=1, le=64, description="Uvicorn worker processes (each loads the models and opens the gallery)."
-    )
     log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
 
     @field_validator("api_keys", mode="before")

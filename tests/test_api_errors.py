@@ -178,3 +178,17 @@ def test_no_error_leaves_as_a_500(client, faces_dir):
             response = _post_image(client, path, data)
             assert response.status_code < 500, (path, data[:16], response.text)
             assert "error" in response.json() or "faces" in response.json()
+
+
+def test_an_unexpected_failure_is_a_500_that_reveals_nothing(client, faces_dir, monkeypatch):
+    pipeline = client.app.state.runtime.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(pipeline, "detect", broken)
+    response = _post_image(client, "/detect", photo(faces_dir, "pairs/img5.jpg"))
+    _assert_error(response, 500, "internal_error")
+    assert "secret" not in response.text
+    monkeypatch.undo()
+    assert _post_image(client, "/detect", photo(faces_dir, "pairs/img5.jpg")).status_code == 200

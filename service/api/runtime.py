@@ -98,12 +98,10 @@ class Runtime:
         return runtime
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._inference.shutdown(wait=True)
-        close = getattr(self.gallery, "close", None)
-        if close is not None:
-            await loop.run_in_executor(self._gallery, close)
-        self._gallery.shutdown(wait=True)
+        """Let running inference finish, then close the gallery (on its own thread) and stop the pools."""
+        await asyncio.to_thread(self._inference.shutdown, wait=True)
+        await self.in_gallery(self.gallery.close)
+        await asyncio.to_thread(self._gallery.shutdown, wait=True)
 
     # --- running blocking work ----------------------------------------------------------------------
     async def infer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
