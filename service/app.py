@@ -195,5 +195,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     # Added last = outermost: metrics see every request, including those the body limit refuses.
     app.add_middleware(BodyLimitMiddleware, limits=limits, default_limit=SMALL_BODY_BYTES)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, static_paths=frozenset(limits))
     return app

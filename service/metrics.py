@@ -19,7 +19,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STAGES = ("decode", "detect", "align", "embed", "search")
@@ -77,24 +76,24 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's path template, or "unmatched" (404s must not mint one label per path)."""
+def route_template(scope: Scope, static_paths: frozenset[str] = frozenset()) -> str:
+    """The matched route's path template. A request answered before routing (413 from the body limit) is
+    labelled by its path only when that is one of `static_paths`, else "unmatched": a label per raw path
+    would let any client grow the metrics without bound."""
     route = scope.get("route")
     if route is not None and getattr(route, "path", None):
         return route.path
-    for candidate in scope["app"].router.routes if "app" in scope else ():
-        match, _ = candidate.matches(scope)
-        if match is Match.FULL:
-            return candidate.path
-    return "unmatched"
+    path = scope.get("path", "")
+    return path if path in static_paths else "unmatched"
 
 
 class MetricsMiddleware:
     """Pure ASGI middleware: counts and times every HTTP request, including those that fail early."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, static_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.metrics = metrics
+        self.static_paths = static_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,7 +111,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            endpoint = route_template(scope)
+            endpoint = route_template(scope, self.static_paths)
             method = scope["method"]
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
             self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)

@@ -72,7 +72,8 @@ def test_oversized_image_within_a_body_limit(client):
 
 
 def test_oversized_chunked_body_is_cut_off(client):
-    def chunks():
+    def chunks():  # a well-formed start, then more image bytes than any limit allows
+        yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
         for _ in range(4):
             yield b"\x00" * MAX_BYTES
 
@@ -80,6 +81,9 @@ def test_oversized_chunked_body_is_cut_off(client):
         "/detect", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"}
     )
     _assert_error(response, 413, "image_too_large")
+    assert "max_body_bytes" in response.json()["error"]["details"]
+    metrics = client.get("/metrics").text
+    assert 'face_http_requests_total{endpoint="/detect",method="POST",status="413"}' in metrics
 
 
 def test_oversized_base64(client):
