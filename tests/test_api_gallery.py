@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 
 import pytest
 from api_support import api_client, error_code, no_face_jpeg, photo
@@ -191,3 +192,23 @@ def test_unknown_and_invalid_identities(client):
     response = client.post("/enroll", data={"identity_id": "ok", "metadata": "[1, 2]"},
                            files=[("images", ("x.jpg", b"\xff\xd8\xff", "image/jpeg"))])
     assert response.status_code == 422 and error_code(response) == "invalid_parameter"
+
+
+def test_faces_of_another_model_are_kept_counted_and_never_matched(models_dir, faces_dir, tmp_path):
+    with api_client(models_dir, tmp_path) as first:
+        _enroll(first, faces_dir, "old-model", "img20.jpg")
+    # Pretend that face was made by another embedder (a model upgrade): restamp it on disk.
+    with sqlite3.connect(tmp_path / "gallery.db") as db:
+        db.execute("UPDATE faces SET model_sha256 = ?", ("0" * 64,))
+    with api_client(models_dir, tmp_path) as client:
+        gallery = client.get("/models").json()["gallery"]
+        assert gallery == {"identities": 1, "faces": 0, "foreign_faces": 1}
+        detail = client.get("/identities/old-model").json()
+        assert detail["face_count"] == 0 and detail["foreign_face_count"] == 1
+        assert detail["faces"][0]["current_model"] is False
+        # The same person's other photo: the old embedding is not compared, so nobody is found.
+        matches = _identify(client, faces_dir, "img21.jpg", threshold=-1)["faces"][0]["matches"]
+        assert matches == []
+        response = client.post("/verify", files={"image1": ("x.jpg", photo(faces_dir, "pairs/img21.jpg"))},
+                               data={"identity_id": "old-model"})
+        assert response.status_code == 409 and error_code(response) == "model_mismatch"

@@ -36,12 +36,13 @@ async def ready(request: Request) -> Ready:
         raise NotReady("models are not loaded")
     try:  # a query proves the database is still open and readable, not just that it once was
         await runtime.in_gallery(runtime.gallery.count_identities)
+        faces = await runtime.in_gallery(runtime.gallery.count_faces)
     except Exception as exc:
         raise NotReady(f"the gallery is not readable: {exc}") from exc
     return Ready(
         detector=runtime.settings.detector_path.name,
         embedder=runtime.settings.embedder_path.name,
-        gallery_faces=runtime.gallery.count_faces(),
+        gallery_faces=faces,
     )
 
 
@@ -82,7 +83,9 @@ def _model_info(model, file: str) -> dict:
 async def models(runtime: RuntimeDep) -> ModelsResponse:
     embedder = runtime.embedder
     gallery = runtime.gallery
+    # Gallery calls run on its thread: they wait for its lock, which an enrolment holds through its fsync.
     identities = await runtime.in_gallery(gallery.count_identities)
+    faces = await runtime.in_gallery(gallery.count_faces)
     foreign = await runtime.in_gallery(gallery.count_foreign)
     return ModelsResponse(
         detector=ModelInfo(**_model_info(runtime.detector, runtime.settings.detector_path.name)),
@@ -93,5 +96,5 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             threshold_source=runtime.threshold_source,
             flip=embedder.flip,
         ),
-        gallery=GalleryInfo(identities=identities, faces=gallery.count_faces(), foreign_faces=foreign),
+        gallery=GalleryInfo(identities=identities, faces=faces, foreign_faces=foreign),
     )
