@@ -135,20 +135,23 @@ async def read_request(
             )
         except StarletteHTTPException as exc:  # Starlette's MultiPartException, surfaced as a 400
             raise InvalidParameter(f"malformed multipart body: {exc.detail}") from None
-        for key, value in form.multi_items():
-            if key in image_fields:
-                if not isinstance(value, UploadFile):
-                    raise InvalidParameter(
-                        f"{key} must be a file part (send base64 only in a JSON body)", details={"field": key}
-                    )
-                index = len(found.get(key, []))
-                if key != list_field and index >= 1:
-                    raise InvalidParameter(f"{key} given more than once", details={"field": key})
-                found.setdefault(key, []).append(await _read_upload(value, key, index, max_image_bytes))
-            elif isinstance(value, UploadFile):
-                raise InvalidParameter(f"unexpected file field {key!r}", details={"field": key})
-            else:
-                raw[key] = value
+        try:
+            for key, value in form.multi_items():
+                if key in image_fields:
+                    if not isinstance(value, UploadFile):
+                        raise InvalidParameter(
+                            f"{key} must be a file part (send base64 only in a JSON body)", details={"field": key}
+                        )
+                    index = len(found.get(key, []))
+                    if key != list_field and index >= 1:
+                        raise InvalidParameter(f"{key} given more than once", details={"field": key})
+                    found.setdefault(key, []).append(await _read_upload(value, key, index, max_image_bytes))
+                elif isinstance(value, UploadFile):
+                    raise InvalidParameter(f"unexpected file field {key!r}", details={"field": key})
+                else:
+                    raw[key] = value
+        finally:
+            await form.close()  # spooled temporary files of large parts go now, not at garbage collection
     elif content_type == "application/json" or content_type.endswith("+json"):
         try:
             body = await request.json()
@@ -159,6 +162,10 @@ async def read_request(
         for key, value in body.items():
             if key in image_fields:
                 items = value if key == list_field and isinstance(value, list) else [value]
+                if len(items) > max_images:  # refuse before decoding any of them
+                    raise InvalidParameter(
+                        f"at most {max_images} images per request", details={"field": key, "max_images": max_images}
+                    )
                 found[key] = [_decode_base64(v, key, i, max_image_bytes) for i, v in enumerate(items)]
             else:
                 raw[key] = value
