@@ -24,6 +24,7 @@ from service.api.runtime import Runtime
 from service.api.uploads import body_limit
 from service.errors import FaceServiceError, ImageTooLarge
 from service.metrics import Metrics, MetricsMiddleware
+from service.schemas import ErrorResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=VERSION,
         description=DESCRIPTION,
         lifespan=_lifespan,
-        responses={500: {"description": "Internal error", "model": None}},
+        responses={500: {"description": "Internal error (internal_error)", "model": ErrorResponse}},
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -49,7 +49,7 @@ class _Options(BaseModel):
 
 class DetectionOptions(_Options):
     min_score: float | None = Field(
-        None, gt=0.0, le=1.0, description="Minimum face probability; default: FACE_DETECTION_SCORE_THRESHOLD."
+        None, gt=0.0, le=1.0, description="Minimum face probability; default: FACE_DETECTION_SCORE_THRESHOLD, else the detector's own."
     )
     min_face_size: float = Field(
         0, ge=0, le=100_000, description="Drop faces whose box is smaller than this (pixels, shorter side)."
@@ -86,7 +86,7 @@ class EnrollOptions(DetectionOptions):
     identity_id: IdentityId
     display_name: str | None = Field(None, max_length=256, description="Human-readable name.")
     metadata: dict[str, Any] | None = Field(
-        None, description="Free-form JSON object stored with the identity (a JSON string in multipart)."
+        None, description="Free-form JSON object stored with the identity"
     )
     multiple_faces: Literal["reject", "largest"] = Field(
         "reject",

@@ -207,7 +207,7 @@ def openapi_body(
     options = schema.get("properties", {})
     needed = [*required, *schema.get("required", [])]
     form_options = {
-        name: ({"type": "string", "description": prop.get("description", "") + " (a JSON string)"}
+        name: ({"type": "string", "description": prop.get("description", "") + " (as a JSON string)."}
                if name == "metadata" else prop)
         for name, prop in options.items()
     }
@@ -231,4 +231,7 @@ def openapi_body(
     if "$defs" in schema:  # nested models (none today) would need their definitions
         for body in content.values():
             body["schema"]["$defs"] = schema["$defs"]
-    return {"requestBody": {"required": True, "description": description, "content": content}}
+    body: dict[str, Any] = {"required": True, "content": content}
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
