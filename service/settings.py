@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         le=1.0,
         description="Default minimum face probability. Unset: the detector's face.detector.score_threshold.",
     )
-    max_faces: int = Field(100, ge=1, description="Most faces one image is analysed for (largest-score first).")
+    max_faces: int = Field(100, ge=1, description="Most faces one image is analysed for (highest scores first).")
 
     # --- input limits -------------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * MB, ge=1024, description="Largest accepted encoded image, in bytes.")
