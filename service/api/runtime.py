@@ -94,8 +94,16 @@ class Runtime:
             gallery_pool.shutdown(wait=False, cancel_futures=True)
             raise
         runtime = cls(settings, metrics, Pipeline(detector, embedder), gallery, inference_pool, gallery_pool)
+        await runtime.infer(runtime._warm_up)
         await runtime.refresh_gallery_gauge()
         return runtime
+
+    def _warm_up(self) -> None:
+        """One inference per model before serving: ORT allocates its buffers and picks kernels on the first
+        run, which would otherwise make the first client's request several times slower than the rest."""
+        self.pipeline.detect(np.zeros((480, 640, 3), np.uint8))
+        height, width = self.embedder.input_size
+        self.embedder.embed(np.zeros((1, height, width, 3), np.uint8))
 
     async def close(self) -> None:
         """Let running inference finish, then close the gallery (on its own thread) and stop the pools."""
