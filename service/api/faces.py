@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.api.runtime import Runtime, RuntimeDep
 from service.api.uploads import ImageUpload, openapi_body, read_request
-from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
+from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace, NotFound
 from service.pipeline import Face, largest
 from service.schemas import (
     DetectOptions,
@@ -89,7 +89,10 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
     # Search every identity without a threshold: the gallery scores an identity by its best face.
     total = await runtime.in_gallery(runtime.gallery.count_identities)
     (matches,) = await runtime.search(embedding[None, :], top_k=max(total, 1), threshold=None)
-    return next(m.similarity for m in matches if m.identity_id == identity_id)
+    similarity = next((m.similarity for m in matches if m.identity_id == identity_id), None)
+    if similarity is None:  # deleted while we were looking
+        raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+    return similarity
 
 
 @router.post(
