@@ -6,9 +6,10 @@ import base64
 
 import numpy as np
 import pytest
-from api_support import api_client, error_code, labelled_pairs, no_face_jpeg, photo
+from api_support import TestClient, api_client, error_code, labelled_pairs, no_face_jpeg, photo
 from pydantic import ValidationError
 
+from service.app import create_app
 from service.settings import Settings
 
 
@@ -229,3 +230,13 @@ def test_settings_come_from_the_environment(models_dir, monkeypatch, tmp_path):
         with pytest.raises(ValidationError):
             Settings()
         monkeypatch.delenv(name)
+
+
+def test_not_ready_until_the_models_are_loaded(models_dir, tmp_path):
+    app = create_app(Settings(models_dir=models_dir, gallery_path=tmp_path / "g.db"))
+    client = TestClient(app, raise_server_exceptions=False)  # not entered: the lifespan has not run
+    assert client.get("/health").status_code == 200
+    response = client.get("/ready")
+    assert response.status_code == 503 and error_code(response) == "not_ready"
+    response = client.post("/detect", files={"image": ("a.jpg", b"\xff\xd8\xff")})
+    assert response.status_code == 503 and error_code(response) == "not_ready"
