@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 with warnings.catch_warnings():
     # Starlette 1.x nudges towards the httpx2 package; httpx is what the project pins and it works the same.
@@ -28,8 +29,16 @@ from service.settings import Settings
 API_KEY = "test-key-0123456789abcdef"
 
 
+def require_default_models(models_dir: Path) -> None:
+    """Skip, like the models_dir fixture does for a missing folder, when a default model is not built yet."""
+    for name in Settings.model_fields["detector_model"].default, Settings.model_fields["embedder_model"].default:
+        if not (models_dir / name).is_file():
+            pytest.skip(f"{models_dir / name} is absent: run `make models`")
+
+
 @contextlib.contextmanager
 def api_client(models_dir: Path, gallery_dir: Path, **overrides) -> Iterator[TestClient]:
+    require_default_models(models_dir)
     settings = Settings(models_dir=models_dir, gallery_path=gallery_dir / "gallery.db", **overrides)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client

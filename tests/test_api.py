@@ -6,7 +6,15 @@ import base64
 
 import numpy as np
 import pytest
-from api_support import TestClient, api_client, error_code, labelled_pairs, no_face_jpeg, photo
+from api_support import (
+    TestClient,
+    api_client,
+    error_code,
+    labelled_pairs,
+    no_face_jpeg,
+    photo,
+    require_default_models,
+)
 from pydantic import ValidationError
 
 from service.app import create_app
@@ -217,6 +225,7 @@ def test_concurrent_requests_are_all_answered(client, faces_dir):
 
 
 def test_settings_come_from_the_environment(models_dir, monkeypatch, tmp_path):
+    require_default_models(models_dir)
     monkeypatch.setenv("FACE_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("HOST", "0.0.0.0")
     monkeypatch.setenv("PORT", "9123")
@@ -233,6 +242,7 @@ def test_settings_come_from_the_environment(models_dir, monkeypatch, tmp_path):
 
 
 def test_not_ready_until_the_models_are_loaded(models_dir, tmp_path):
+    require_default_models(models_dir)
     app = create_app(Settings(models_dir=models_dir, gallery_path=tmp_path / "g.db"))
     client = TestClient(app, raise_server_exceptions=False)  # not entered: the lifespan has not run
     assert client.get("/health").status_code == 200

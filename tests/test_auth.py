@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from api_support import API_KEY, api_client, error_code, photo
+from api_support import API_KEY, api_client, error_code, photo, require_default_models
 from pydantic import ValidationError
 
 from service.security import key_matches
@@ -68,6 +68,7 @@ def test_key_matching():
 
 
 def test_settings_parse_and_check_keys(models_dir, monkeypatch):
+    require_default_models(models_dir)
     monkeypatch.setenv("FACE_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("FACE_API_KEYS", f" {API_KEY} ,,{OTHER_KEY} ")
     assert Settings().api_keys == [API_KEY, OTHER_KEY]

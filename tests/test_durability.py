@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import photo
+from api_support import photo, require_default_models
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
@@ -61,6 +61,7 @@ def _start_server(models_dir: Path, gallery: Path, log: Path) -> tuple[subproces
 
 
 def test_acknowledged_enrolments_survive_kill_9(models_dir, faces_dir, tmp_path):
+    require_default_models(models_dir)
     gallery = tmp_path / "gallery.db"
     log = tmp_path / "server.log"
     image = photo(faces_dir, "pairs/img25.jpg")  # 400x400: a cheap, single-face enrolment
