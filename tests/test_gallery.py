@@ -1,0 +1,264 @@
+"""Gallery: SQLite truth + in-memory search matrix, checked against a brute-force reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import InvalidParameter, NotFound
+from service.gallery import Gallery, Match
+
+D = 192
+MODEL = "a" * 64
+OTHER_MODEL = "b" * 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def brute_force(enrolled: dict[str, dict[str, np.ndarray]], query: np.ndarray, top_k: int, threshold=None):
+    """The obvious loop: best face per identity, identities by score, threshold applied."""
+    q = unit(query)
+    best = []
+    for identity, faces in enrolled.items():
+        if not faces:
+            continue
+        face_id, score = max(((f, float(unit(v) @ q)) for f, v in faces.items()), key=lambda t: t[1])
+        if threshold is None or score >= threshold:
+            best.append((identity, face_id, score))
+    best.sort(key=lambda t: -t[2])
+    return best[:top_k]
+
+
+def assert_same(matches: list[Match], expected: list[tuple]) -> None:
+    assert [(m.identity_id, m.face_id) for m in matches] == [(i, f) for i, f, _ in expected]
+    np.testing.assert_allclose([m.similarity for m in matches], [s for _, _, s in expected], atol=1e-5)
+
+
+@pytest.fixture
+def gallery(tmp_path: Path):
+    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
+        yield g
+
+
+def populate(
+    gallery: Gallery, rng: np.random.Generator, people: int = 40
+) -> dict[str, dict[str, np.ndarray]]:
+    """People with 1-6 faces each, faces of one person clustered around a centre."""
+    enrolled: dict[str, dict[str, np.ndarray]] = {}
+    for p in range(people):
+        centre = rng.normal(size=D)
+        faces = unit(centre + rng.normal(scale=0.8, size=(int(rng.integers(1, 7)), D)))
+        ids = gallery.enroll(f"person-{p:03d}", faces, display_name=f"Person {p}")
+        enrolled[f"person-{p:03d}"] = dict(zip(ids, faces))
+    return enrolled
+
+
+def test_search_matches_brute_force(gallery: Gallery) -> None:
+    rng = np.random.default_rng(0)
+    enrolled = populate(gallery, rng)
+    queries = rng.normal(size=(25, D))
+    queries[:10] = [
+        next(iter(enrolled[f"person-{i:03d}"].values())) + rng.normal(scale=0.5, size=D) for i in range(10)
+    ]
+    for top_k, threshold in [(1, None), (5, None), (40, None), (100, None), (5, 0.3), (3, 0.99)]:
+        results = gallery.search(queries, top_k=top_k, threshold=threshold)
+        assert len(results) == len(queries)
+        for query, matches in zip(queries, results):
+            assert_same(matches, brute_force(enrolled, query, top_k, threshold))
+    first = gallery.search(queries[0], top_k=1)[0][0]
+    assert first.identity_id == "person-000" and first.display_name == "Person 0"
+
+
+def test_one_identity_with_many_faces_does_not_hide_the_others(gallery: Gallery) -> None:
+    # 500 faces of one person all closer to the query than anyone else: the top-3 must still list 3 identities.
+    rng = np.random.default_rng(1)
+    query = unit(rng.normal(size=D))
+    gallery.enroll("crowd", unit(query + rng.normal(scale=0.05, size=(500, D))))
+    gallery.enroll("second", unit(query + rng.normal(scale=0.6, size=(1, D))))
+    gallery.enroll("third", unit(query + rng.normal(scale=1.2, size=(2, D))))
+    matches = gallery.search(query, top_k=3)[0]
+    assert [m.identity_id for m in matches] == ["crowd", "second", "third"]
+    assert matches[0].similarity > matches[1].similarity > matches[2].similarity
+
+
+def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    enrolled = populate(gallery, rng, people=20)
+    victims = ["person-003", "person-010", "person-019"]
+    for victim in victims:
+        assert gallery.delete_identity(victim) == len(enrolled.pop(victim))
+    # Remove single faces too (the swap-with-last-row path), including a person's only face.
+    for person in ["person-000", "person-005"]:
+        face_id = next(iter(enrolled[person]))
+        gallery.delete_face(person, face_id)
+        del enrolled[person][face_id]
+    assert len(gallery) == sum(len(f) for f in enrolled.values())
+    queries = rng.normal(size=(10, D))
+    for query, matches in zip(queries, gallery.search(queries, top_k=10)):
+        assert_same(matches, brute_force(enrolled, query, 10))
+    with pytest.raises(NotFound):
+        gallery.get_identity("person-003")
+    with pytest.raises(NotFound):
+        gallery.delete_identity("person-003")
+    with pytest.raises(NotFound):
+        gallery.delete_face("person-001", "no-such-face")
+    with pytest.raises(NotFound):
+        gallery.delete_face("nobody", "no-such-face")
+    # Still consistent after reopening from disk.
+    gallery.close()
+    with Gallery(tmp_path / "gallery.db", MODEL, D) as reopened:
+        assert len(reopened) == sum(len(f) for f in enrolled.values())
+        for query, matches in zip(queries, reopened.search(queries, top_k=10)):
+            assert_same(matches, brute_force(enrolled, query, 10))
+
+
+def test_deleted_embeddings_are_erased_from_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    rng = np.random.default_rng(3)
+    secret = unit(rng.normal(size=(1, D))).astype("<f4")
+    with Gallery(path, MODEL, D) as g:
+        g.enroll("keep", unit(rng.normal(size=(3, D))))
+        g.enroll("forget-me", secret)
+        raw = secret.tobytes()
+        assert any(raw in p.read_bytes() for p in tmp_path.iterdir())
+        g.delete_identity("forget-me")
+        for p in tmp_path.iterdir():
+            assert raw[:64] not in p.read_bytes(), p.name
+
+
+def test_identities_listing_and_details(gallery: Gallery) -> None:
+    rng = np.random.default_rng(4)
+    for name in ["carol", "alice", "bob"]:
+        gallery.enroll(
+            name, unit(rng.normal(size=(2, D))), display_name=name.title(), metadata={"team": name[0]}
+        )
+    items, total = gallery.list_identities(offset=0, limit=2)
+    assert total == 3 and [i.identity_id for i in items] == ["alice", "bob"]
+    assert items[0].face_count == 2 and items[0].metadata == {"team": "a"} and items[0].faces is None
+    items, total = gallery.list_identities(offset=2, limit=10)
+    assert [i.identity_id for i in items] == ["carol"]
+
+    # Appending: None keeps display name and metadata, given values replace them.
+    new = gallery.enroll(
+        "alice", unit(rng.normal(size=(1, D))), sources=[{"file": "a.jpg", "box": [1, 2, 3, 4]}]
+    )
+    alice = gallery.get_identity("alice")
+    assert alice.display_name == "Alice" and alice.metadata == {"team": "a"} and alice.face_count == 3
+    assert alice.faces[-1].face_id == new[0] and alice.faces[-1].source == {
+        "file": "a.jpg",
+        "box": [1, 2, 3, 4],
+    }
+    gallery.enroll("alice", unit(rng.normal(size=(1, D))), display_name="Alice B.", metadata={"x": 1})
+    alice = gallery.get_identity("alice")
+    assert (alice.display_name, alice.metadata, alice.face_count) == ("Alice B.", {"x": 1}, 4)
+    assert gallery.search(alice_vector(gallery, "alice"), top_k=1)[0][0].display_name == "Alice B."
+
+
+def alice_vector(gallery: Gallery, identity: str) -> np.ndarray:
+    face = gallery.get_identity(identity).faces[0].face_id
+    return gallery._matrix[gallery._face_row[face]]
+
+
+def test_other_models_embeddings_are_never_compared(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    rng = np.random.default_rng(5)
+    old_faces = unit(rng.normal(size=(4, D)))
+    with Gallery(path, OTHER_MODEL, D) as old:
+        old.enroll("alice", old_faces[:3])
+        old.enroll("bob", old_faces[3:])
+    with Gallery(path, MODEL, D) as g:
+        assert len(g) == 0 and g.count_foreign() == 4 and g.count_identities() == 2
+        assert g.search(old_faces, top_k=5) == [[], [], [], []]
+        g.enroll("alice", unit(rng.normal(size=(1, D))))
+        alice = g.get_identity("alice")
+        assert (alice.face_count, alice.foreign_face_count) == (1, 3)
+        assert [not f.current_model for f in alice.faces].count(True) == 3
+        assert [m.identity_id for m in g.search(old_faces[0], top_k=5)[0]] == ["alice"]  # only the new face
+    with Gallery(path, OTHER_MODEL, D) as old:  # rolling back to the old model finds its faces again
+        assert len(old) == 4 and old.count_foreign() == 1
+
+
+@pytest.mark.parametrize("bad", ["", "-starts-with-dash", "has space", "a/b", "x" * 129, "é", None])
+def test_invalid_identity_ids(gallery: Gallery, bad) -> None:
+    with pytest.raises(InvalidParameter):
+        gallery.enroll(bad, np.ones((1, D)))
+
+
+def test_invalid_embeddings_and_parameters(gallery: Gallery) -> None:
+    for bad in [np.ones((1, D + 1)), np.zeros((1, D)), np.full((1, D), np.nan), np.ones((0, D))]:
+        with pytest.raises(InvalidParameter):
+            gallery.enroll("ok", bad)
+    with pytest.raises(InvalidParameter):
+        gallery.enroll("ok", np.ones((1, D)), metadata=["not", "an", "object"])
+    with pytest.raises(InvalidParameter):
+        gallery.search(np.ones((1, D)), top_k=0)
+    with pytest.raises(InvalidParameter):
+        gallery.search(np.ones((1, D)), threshold=1.5)
+    assert gallery.count_identities() == 0 and gallery.search(np.ones((2, D))) == [[], []]
+
+
+def test_concurrent_enrolments_and_searches(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    with Gallery(path, MODEL, D) as g:
+
+        def writer(t: int) -> None:
+            rng = np.random.default_rng(t)
+            for i in range(15):
+                g.enroll(f"t{t}-{i}", unit(rng.normal(size=(2, D))))
+                if i % 5 == 4:
+                    g.delete_identity(f"t{t}-{i - 1}")
+
+        def reader() -> None:
+            rng = np.random.default_rng(99)
+            for _ in range(60):
+                for matches in g.search(rng.normal(size=(3, D)), top_k=5):
+                    assert len({m.identity_id for m in matches}) == len(matches)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(writer, t) for t in range(4)] + [pool.submit(reader) for _ in range(2)]
+            for future in futures:
+                future.result()  # re-raises whatever failed in that thread
+        assert g.count_identities() == 4 * 12 and len(g) == 4 * 12 * 2
+    with Gallery(path, MODEL, D) as reopened:
+        assert len(reopened) == 4 * 12 * 2
+
+
+CHILD = """
+import os, signal, sys
+import numpy as np
+from service.gallery import Gallery
+g = Gallery(sys.argv[1], "a" * 64, 192)
+ids = g.enroll("survivor", np.ones((1, 192)), display_name="S")
+print(ids[0], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: only what enroll() committed survives
+"""
+
+
+def test_acknowledged_enrolment_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    face_id = child.stdout.strip()
+    with Gallery(path, MODEL, D) as g:
+        identity = g.get_identity("survivor")
+        assert [f.face_id for f in identity.faces] == [face_id] and identity.display_name == "S"
+        assert g.search(np.ones((1, D)), top_k=1)[0][0].face_id == face_id
