@@ -205,12 +205,16 @@ def agreement(detector, reference: TorchReference, photos: list[Path], root: Pat
 
 def report_lines(result: dict) -> list[str]:
     s = result["summary"]
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
     return [
-        f"photos {s['photos']}: ONNX {s['onnx_faces']} faces, PyTorch {s['torch_faces']}, matched {s['matched']} "
-        f"(ONNX only {s['onnx_only']}, PyTorch only {s['torch_only']})",
-        f"matched boxes: min IoU {fmt(s['min_iou'], '.5f')}, landmark error max {fmt(s['max_landmark_error_px'], '.4f')} px "
-        f"mean {fmt(s['mean_landmark_error_px'], '.4f')} px, max |score diff| {fmt(s['max_score_diff'], '.2e')}",
+        (f"photos {s['photos']}: ONNX {s['onnx_faces']} faces, PyTorch {s['torch_faces']}, "
+         f"matched {s['matched']} (ONNX only {s['onnx_only']}, PyTorch only {s['torch_only']})"),
+        (f"matched boxes: min IoU {fmt(s['min_iou'], '.5f')}, landmark error max "
+         f"{fmt(s['max_landmark_error_px'], '.4f')} px mean {fmt(s['mean_landmark_error_px'], '.4f')} px, "
+         f"max |score diff| {fmt(s['max_score_diff'], '.2e')}"),
     ]
 
 

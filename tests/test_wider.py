@@ -88,8 +88,8 @@ def test_predictions_round_trip(tmp_path):
         wider.write_predictions(tmp_path, key, boxes)
     back = wider.read_predictions(tmp_path)
     assert sorted(back) == sorted(PREDICTIONS)
-    for key in PREDICTIONS:
-        np.testing.assert_allclose(back[key], PREDICTIONS[key], atol=1e-3)
+    for key, boxes in PREDICTIONS.items():
+        np.testing.assert_allclose(back[key], boxes, atol=1e-3)
 
 
 def test_official_split_mat_files(tmp_path, gt):

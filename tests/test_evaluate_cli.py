@@ -1,0 +1,85 @@
+"""`python -m evaluate` end to end on the shared photos: the report files and their figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evaluate.__main__ import main
+from evaluate.plots import roc_points
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def default_models(models_dir):
+    for name in ("retinaface_mnet025.onnx", "mobilefacenet_192.onnx"):
+        if not (models_dir / name).is_file():
+            pytest.skip(f"{models_dir / name} is absent: run `make models`")
+    return models_dir
+
+
+def test_roc_points_by_hand():
+    # Scores 0.9 (same), 0.8 (diff), 0.7 (same), NaN (same: a missed face scores -1).
+    far, tar, thresholds = roc_points([0.9, 0.8, 0.7, np.nan], [True, False, True, True])
+    assert far.tolist() == [0, 0, 1, 1, 1]
+    assert tar.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert thresholds[1:].tolist() == [0.9, 0.8, 0.7, -1.0]
+
+
+def test_verify_on_pairs_csv(default_models, faces_dir, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert main(["verify", "--pairs", str(faces_dir / "pairs" / "pairs.csv"), "--models-dir", str(default_models),
+                 "--threshold", "0.3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 300 and summary["same_pairs"] == 38
+    assert summary["photos"] == 25 and summary["photos_without_face"] == 0
+    # Measured with the default models: AUC 1.0 and 100 % best accuracy on these pairs.
+    assert summary["roc_auc"] > 0.99
+    assert summary["best_accuracy"] > 0.98
+    assert summary["threshold"] == 0.3
+    assert 0.9 < summary["accuracy_at_threshold"] <= 1.0
+    assert summary["tar_at_far"]["0.01"] is not None and summary["tar_at_far"]["0.001"] is None  # 262 different
+    assert (out / "roc.png").read_bytes()[:8] == PNG_MAGIC
+    assert "ROC AUC" in capsys.readouterr().out
+
+
+def test_verify_on_lfw_pairs_txt_with_folds(default_models, lfw_dir, tmp_path):
+    # Two folds of 2 same + 2 different pairs taken from the real pairs.txt (folds 1 and 2 of the file).
+    lines = (lfw_dir / "pairs.txt").read_text().splitlines()[1:]
+    small = ["2\t2", *lines[0:2], *lines[300:302], *lines[600:602], *lines[900:902]]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(small) + "\n")
+    out = tmp_path / "lfw"
+    assert main(["verify", "--pairs", str(pairs), "--images-root", str(lfw_dir / "images"),
+                 "--models-dir", str(default_models), "--threshold", "0.3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 8 and summary["same_pairs"] == 4
+    assert len(summary["folds"]["accuracies"]) == 2
+    assert summary["roc_auc"] > 0.9
+    assert summary["tar_at_far"] == {"0.01": None, "0.001": None}  # 4 different pairs resolve neither
+    assert (out / "roc.png").is_file()
+
+
+def test_detection_command(default_models, faces_dir, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "det"
+    assert main(["detection", "--photos", str(faces_dir / "groups"), "--models-dir", str(default_models),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "detection.json").read_text())
+    assert result["summary"]["photos"] == 3
+    assert result["summary"]["onnx_only"] == 0 and result["summary"]["torch_only"] == 0
+    assert result["summary"]["max_landmark_error_px"] < 0.05
+
+
+def test_wider_command_from_predictions(tmp_path):
+    from evaluate import wider
+
+    gt = tmp_path / "gt.txt"
+    gt.write_text("e/a.jpg\n2\n0 0 10 10 0 0 0 0 0 0\n20 0 10 10 0 0 0 0 0 0\n")
+    wider.write_predictions(tmp_path / "pred", "e/a", np.array([[0, 0, 10, 10, 0.9], [100, 0, 10, 10, 0.5]]))
+    assert main(["wider", "--gt", str(gt), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "w")]) == 0
+    # One of two faces found by the best box; the false positive comes after: AP = 1/2.
+    assert json.loads((tmp_path / "w" / "wider.json").read_text())["ap"] == {"all": pytest.approx(0.5)}
