@@ -426,6 +426,30 @@ class Gallery:
                 results.extend(self._best_per_identity(row, top_k, threshold) for row in scores)
         return results
 
+    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
+        """Best cosine similarity of each query (M, D) to one identity's current-model faces: (M,) float32.
+
+        For 1:1 verification against an enrolled identity, without ranking the whole gallery. NotFound when
+        the identity does not exist; an empty identity (or one with only other models' faces) gives NaN.
+        """
+        validate_identity_id(identity_id)
+        q = self._check_embeddings(queries, "queries")
+        with self._lock:
+            if identity_id not in self._names:
+                raise NotFound(
+                    f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
+                )
+            code = self._identity_code.get(identity_id)
+            rows = (
+                np.flatnonzero(self._row_identity[: self._n] == code)
+                if code is not None
+                else np.zeros(0, int)
+            )
+            if rows.size == 0:
+                return np.full(len(q), np.nan, dtype=np.float32)
+            faces = self._matrix[rows]
+        return np.clip(q @ faces.T, -1.0, 1.0).max(axis=1).astype(np.float32)
+
     def _best_per_identity(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
         """Top identities for one query. The best `k` faces, in score order, contain the best face of every
         identity that beats the k-th score; grow k until top_k distinct identities are found, or every face

@@ -262,3 +262,18 @@ def test_acknowledged_enrolment_survives_kill_9(tmp_path: Path) -> None:
         identity = g.get_identity("survivor")
         assert [f.face_id for f in identity.faces] == [face_id] and identity.display_name == "S"
         assert g.search(np.ones((1, D)), top_k=1)[0][0].face_id == face_id
+
+
+def test_identity_similarity_is_the_best_face_of_that_identity(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    with Gallery(tmp_path / "gallery.db", OTHER_MODEL, D) as old:
+        old.enroll("old-only", unit(rng.normal(size=(2, D))))
+    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
+        enrolled = populate(g, rng, people=10)
+        queries = rng.normal(size=(4, D))
+        for person in ["person-000", "person-007"]:
+            expected = [max(float(unit(v) @ unit(q)) for v in enrolled[person].values()) for q in queries]
+            np.testing.assert_allclose(g.identity_similarity(person, queries), expected, atol=1e-5)
+        assert np.isnan(g.identity_similarity("old-only", queries)).all()
+        with pytest.raises(NotFound):
+            g.identity_similarity("nobody", queries)
