@@ -378,7 +378,13 @@ def _write_variant(precision: str, fp32_path: Path, out: Path, meta: Mapping[str
         from onnxconverter_common import float16
 
         # keep_io_types: the input stays float32 (contract) and outputs come back float32; casts sit inside.
-        proto = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        # It warns once per weight it clamps into fp16's range (tiny values flush to +-1e-7); one summary line
+        # says the same without hundreds of warnings.
+        with warnings.catch_warnings(record=True) as clamped:
+            warnings.simplefilter("always")
+            proto = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        if clamped:
+            log.info("fp16: %d weight values clamped into the fp16 range", len(clamped))
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
