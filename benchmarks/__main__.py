@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
               f"[{r['network_ms']:.1f}], {r['faces']} faces")
 
     # 2. Embedder, in process, on a real aligned crop.
-    from service.embedder import Embedder
     from service.detector import RetinaFaceDetector
+    from service.embedder import Embedder
     from service.pipeline import Pipeline, largest
 
     pipeline = Pipeline(RetinaFaceDetector(detector_path), Embedder(embedder_path))
@@ -197,19 +197,19 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "regenerate this file (`make bench` installs what it needs first). Figures are medians (p50) unless "
         "stated; they are measured, never asserted by tests.",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; {info['os']}; Python "
+        (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; {info['os']}; Python "
         f"{info['python']}, onnxruntime {info['onnxruntime']}, numpy {info['numpy']}, OpenCV {info['opencv']}. "
         f"Load average (1, 5, 15 min) before the run: {load_before}; after: {load_after} (other work on the "
-        "machine inflates these figures; a load near 0 means they are clean).",
+        "machine inflates these figures; a load near 0 means they are clean)."),
         "",
-        "Inputs: `couple.jpg` (two faces) from the shared test photos, centre-cropped and resized to each frame "
-        "size; portraits `img20.jpg` / `img21.jpg` resized to 640 px on the long side.",
+        ("Inputs: `couple.jpg` (two faces) from the shared test photos, centre-cropped and resized to each frame "
+        "size; portraits `img20.jpg` / `img21.jpg` resized to 640 px on the long side."),
         "",
         "## Detector (RetinaFace MobileNet-0.25, `retinaface_mnet025.onnx`)",
         "",
-        "`RetinaFaceDetector.detect` end to end (resize to the file's `max_side`, normalise, network, decode, "
+        ("`RetinaFaceDetector.detect` end to end (resize to the file's `max_side`, normalise, network, decode, "
         "NMS); the network alone in its own column. Frames larger than 640 px are shrunk to 640 px on the long "
-        "side first, so the network input is the `input` column and the extra cost of big frames is the resize.",
+        "side first, so the network input is the `input` column and the extra cost of big frames is the resize."),
         "",
         *table(["frame", "network input", "threads", "detect p50 ms", "detect p95 ms", "network p50 ms", "fps",
                 "faces"],
@@ -226,28 +226,28 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "",
         "## HTTP, a real server process",
         "",
-        "`python -m service` on a free port, configured only by environment (`FACE_MODELS_DIR`, "
+        ("`python -m service` on a free port, configured only by environment (`FACE_MODELS_DIR`, "
         "`FACE_GALLERY_PATH`, default worker/thread sizing for the cores), loaded by a closed-loop client: "
         "`concurrency` threads, each on its own keep-alive connection, sending its next request when the last "
         "answered. /detect: a 640x480 JPEG with 2 faces; /verify: two 640 px portraits. Latency includes "
-        "upload, multipart parsing, JPEG decode and the JSON answer.",
+        "upload, multipart parsing, JPEG decode and the JSON answer."),
         "",
         *table(["endpoint", "concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s"],
                [[r["endpoint"], r["concurrency"], r["requests"], r["errors"], f(r["p50_ms"]), f(r["p95_ms"]),
                  f(r["p99_ms"]), f(r["rps"])] for r in http["rows"]]),
         "",
-        f"Server resident memory: {http['memory']['rss_idle_mb']:.0f} MiB after start-up (both models loaded, "
+        (f"Server resident memory: {http['memory']['rss_idle_mb']:.0f} MiB after start-up (both models loaded, "
         f"empty gallery, ready in {http['memory']['startup_s']:.1f} s), {http['memory']['rss_after_load_mb']:.0f} "
-        f"MiB after the load above (peak {http['memory']['rss_peak_mb']:.0f} MiB).",
+        f"MiB after the load above (peak {http['memory']['rss_peak_mb']:.0f} MiB)."),
         "",
         "## 1:N identification",
         "",
-        "Galleries of synthetic random unit embeddings (192-d, one face per identity). HONEST NOTE on how they "
+        ("Galleries of synthetic random unit embeddings (192-d, one face per identity). HONEST NOTE on how they "
         "were filled: by one bulk SQL INSERT into the Gallery's own schema (not through /enroll, where each "
         "enrolment is an fsync-ed transaction and a million would take hours), then opened by the `Gallery` "
         "class exactly as the server opens it. `search` is `Gallery.search` in process (one query, top 5); "
         "/identify is over HTTP against a server started on that gallery file (one face in the photo, so it "
-        "includes detection, alignment and embedding as well as the search).",
+        "includes detection, alignment and embedding as well as the search)."),
         "",
         *table(["faces", "search p50 ms", "search p95 ms", "/identify p50 ms", "/identify p95 ms",
                 "server RSS MiB", "Gallery load s", "file MB"],
@@ -260,10 +260,10 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
     ]
     if peer_result:
         lines += [
-            f"Same frames, `face_recognition.face_locations(rgb, model=...)` with its defaults (upsample 1), dlib "
+            (f"Same frames, `face_recognition.face_locations(rgb, model=...)` with its defaults (upsample 1), dlib "
             f"{peer_result['dlib']} from the `dlib-bin` wheel (CPU, no CUDA). The CNN detector is measured at "
             "640x480 only: at upsample 1 it takes seconds per VGA frame and minutes at 1080p here. Descriptor: "
-            "`face_encodings` for one known face (5-point landmarks, 1 jitter), per face.",
+            "`face_encodings` for one known face (5-point landmarks, 1 jitter), per face."),
             "",
             *table(["detector", "frame", "ms per frame", "faces"],
                    [[r["detector"], r["frame"], f(r["ms"]), r["faces"]] for r in peer_result["detectors"]]),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,11 +94,11 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         import httpx
 
         started = time.perf_counter()
-        self.log = open(self.env.get("BENCH_SERVER_LOG", os.devnull), "ab")  # noqa: SIM115 (closed in __exit__)
+        self.log = open(self.env.get("BENCH_SERVER_LOG", os.devnull), "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )

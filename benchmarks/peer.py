@@ -39,7 +39,7 @@ def available() -> str | None:
     """None when the peer imports; else why not."""
     try:
         load()
-    except Exception as exc:  # ImportError, or face_recognition's own SystemExit-free failure paths
+    except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     except SystemExit:  # face_recognition calls quit() when face_recognition_models is missing
         return "face_recognition_models is not installed"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,8 +57,8 @@ def detector_latency(detector_path: Path, frames: dict, threads: tuple[int, ...]
         detector = RetinaFaceDetector(detector_path, session_options(n, 1))
         for (w, h), image in frames.items():
             blob, _ = detector._prepare(image)  # the exact tensor detect() feeds, to time the network alone
-            full = measure(lambda image=image: detector.detect(image), repeat)
-            net = measure(lambda blob=blob: detector.session.run(None, {"input": blob}), repeat)
+            full = measure(lambda image=image, d=detector: d.detect(image), repeat)
+            net = measure(lambda blob=blob, d=detector: d.session.run(None, {"input": blob}), repeat)
             faces = len(detector.detect(image).boxes)
             rows.append({"frame": f"{w}x{h}", "threads": n, "input": f"{blob.shape[3]}x{blob.shape[2]}",
                          "detect_ms": full.p50, "detect_p95_ms": full.p95, "network_ms": net.p50, "faces": faces})
@@ -77,7 +76,7 @@ def embedder_latency(embedder_path: Path, crop: np.ndarray, batches: tuple[int, 
         embedder = Embedder(embedder_path, session_options(n, 1))
         for batch in batches:
             crops = np.repeat(crop[None], batch, axis=0)
-            t = measure(lambda crops=crops: embedder.embed(crops), max(3, repeat // max(1, batch // 4)))
+            t = measure(lambda crops=crops, e=embedder: e.embed(crops), max(3, repeat // max(1, batch // 4)))
             rows.append({"threads": n, "batch": batch, "batch_ms": t.p50, "per_face_ms": t.p50 / batch,
                          "flip": embedder.flip})
     return rows
@@ -100,7 +99,7 @@ def gallery_search(sizes: tuple[int, ...], embedding_size: int, model_sha256: st
         started = time.perf_counter()
         gallery = Gallery(path, model_sha256, embedding_size)
         load_seconds = time.perf_counter() - started
-        t = measure(lambda: gallery.search(query[None], top_k=5, threshold=None), repeat)
+        t = measure(lambda g=gallery: g.search(query[None], top_k=5, threshold=None), repeat)
         rows.append({"faces": n, "search_ms": t.p50, "search_p95_ms": t.p95, "load_s": load_seconds,
                      "fill_s": fill_seconds, "db_mb": path.stat().st_size / 2**20, "path": path})
         gallery.close()
