@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +93,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ServerProcess:  # noqa: PYI034 (a plain class, never subclassed)
         import httpx
 
         started = time.perf_counter()
