@@ -134,30 +134,38 @@ class Gallery:
         started = time.perf_counter()
         d = self.embedding_size
         self._names: dict[str, str | None] = dict(self._db.execute("SELECT id, display_name FROM identities"))
-        rows = self._db.execute(
-            "SELECT face_id, identity_id, embedding FROM faces WHERE model_sha256 = ? ORDER BY rowid",
-            (self.model_sha256,),
-        ).fetchall()
-        bad = [face_id for face_id, _, blob in rows if len(blob) != 4 * d]
-        if bad:
-            raise ModelError(
-                f"{self.path}: {len(bad)} embeddings recorded for model {self.model_sha256[:12]} are not "
-                f"{d} float32 values; the gallery is corrupt",
-                details={"face_ids": bad[:10]},
-            )
-        n = len(rows)
+        # Streamed in batches straight into the matrix: a million rows as Python bytes objects would
+        # need another gigabyte on top of the matrix itself.
+        n = self._db.execute(
+            "SELECT COUNT(*) FROM faces WHERE model_sha256 = ?", (self.model_sha256,)
+        ).fetchone()[0]
         self._matrix = np.zeros((max(1024, n), d), dtype=np.float32)
-        if n:
-            self._matrix[:n] = np.frombuffer(b"".join(blob for _, _, blob in rows), dtype="<f4").reshape(n, d)
         self._row_identity = np.zeros(len(self._matrix), dtype=np.int64)
         self._identity_code: dict[str, int] = {}
         self._code_identity: list[str] = []
         self._row_face: list[str] = []
         self._face_row: dict[str, int] = {}
-        for row, (face_id, identity_id, _) in enumerate(rows):
-            self._row_identity[row] = self._code(identity_id)
-            self._row_face.append(face_id)
-            self._face_row[face_id] = row
+        cursor = self._db.execute(
+            "SELECT face_id, identity_id, embedding FROM faces WHERE model_sha256 = ? ORDER BY rowid",
+            (self.model_sha256,),
+        )
+        row = 0
+        while batch := cursor.fetchmany(10_000):
+            bad = [face_id for face_id, _, blob in batch if len(blob) != 4 * d]
+            if bad or row + len(batch) > n:
+                raise ModelError(
+                    f"{self.path}: embeddings recorded for model {self.model_sha256[:12]} are not {d} float32 "
+                    "values; the gallery is corrupt",
+                    details={"face_ids": bad[:10]},
+                )
+            blobs = b"".join(blob for _, _, blob in batch)
+            self._matrix[row : row + len(batch)] = np.frombuffer(blobs, dtype="<f4").reshape(-1, d)
+            for face_id, identity_id, _ in batch:
+                self._row_identity[row] = self._code(identity_id)
+                self._row_face.append(face_id)
+                self._face_row[face_id] = row
+                row += 1
+        n = row
         self._n = n
         log.info(
             "gallery %s: %d identities, %d faces of model %s loaded in %.2f s (%d faces of other models)",
@@ -451,23 +459,26 @@ class Gallery:
         return np.clip(q @ faces.T, -1.0, 1.0).max(axis=1).astype(np.float32)
 
     def _best_per_identity(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
-        """Top identities for one query. The best `k` faces, in score order, contain the best face of every
-        identity that beats the k-th score; grow k until top_k distinct identities are found, or every face
-        above the threshold has been seen, or k covers the gallery."""
-        n = len(scores)
-        codes_all = self._row_identity[:n]
-        k = min(n, max(4 * top_k, 32))
+        """Top identities for one query. With a threshold, only the (usually few) faces above it are
+        candidates: one comparison pass, much cheaper than a partition of the whole gallery. Then the best
+        `k` candidates, in score order, contain the best face of every identity that beats the k-th score;
+        k grows until top_k distinct identities are found or k covers every candidate."""
+        codes_all = self._row_identity[: len(scores)]
+        rows = np.flatnonzero(scores >= threshold) if threshold is not None else None
+        values = scores if rows is None else scores[rows]
+        m = len(values)
+        if m == 0:
+            return []
+        k = min(m, max(4 * top_k, 32))
         while True:
-            candidates = np.arange(n) if k >= n else np.argpartition(-scores, k - 1)[:k]
-            candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
-            kth = scores[candidates[-1]]
-            if threshold is not None:
-                candidates = candidates[scores[candidates] >= threshold]
+            best = np.arange(m) if k >= m else np.argpartition(values, m - k)[m - k :]
+            best = best[np.argsort(-values[best], kind="stable")]
+            candidates = best if rows is None else rows[best]
             _, first = np.unique(codes_all[candidates], return_index=True)
             picks = candidates[np.sort(first)][:top_k]
-            if len(picks) >= top_k or k >= n or (threshold is not None and kth < threshold):
+            if len(picks) >= top_k or k >= m:
                 break
-            k = min(n, 4 * k)
+            k = min(m, 4 * k)
         return [
             Match(
                 identity_id=self._code_identity[codes_all[row]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import InvalidParameter, NotFound
+from service.errors import InvalidParameter, ModelError, NotFound
 from service.gallery import Gallery, Match
 
 D = 192
@@ -80,14 +81,15 @@ def test_search_matches_brute_force(gallery: Gallery) -> None:
     assert first.identity_id == "person-000" and first.display_name == "Person 0"
 
 
-def test_one_identity_with_many_faces_does_not_hide_the_others(gallery: Gallery) -> None:
+@pytest.mark.parametrize("threshold", [None, -0.5])
+def test_one_identity_with_many_faces_does_not_hide_the_others(gallery: Gallery, threshold) -> None:
     # 500 faces of one person all closer to the query than anyone else: the top-3 must still list 3 identities.
     rng = np.random.default_rng(1)
     query = unit(rng.normal(size=D))
     gallery.enroll("crowd", unit(query + rng.normal(scale=0.05, size=(500, D))))
     gallery.enroll("second", unit(query + rng.normal(scale=0.6, size=(1, D))))
     gallery.enroll("third", unit(query + rng.normal(scale=1.2, size=(2, D))))
-    matches = gallery.search(query, top_k=3)[0]
+    matches = gallery.search(query, top_k=3, threshold=threshold)[0]
     assert [m.identity_id for m in matches] == ["crowd", "second", "third"]
     assert matches[0].similarity > matches[1].similarity > matches[2].similarity
 
@@ -277,3 +279,13 @@ def test_identity_similarity_is_the_best_face_of_that_identity(tmp_path: Path) -
         assert np.isnan(g.identity_similarity("old-only", queries)).all()
         with pytest.raises(NotFound):
             g.identity_similarity("nobody", queries)
+
+
+def test_a_corrupt_embedding_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    with Gallery(path, MODEL, D) as g:
+        g.enroll("alice", np.ones((1, D)))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE faces SET embedding = ?", (b"\x00" * 12,))
+    with pytest.raises(ModelError, match="corrupt"):
+        Gallery(path, MODEL, D)
