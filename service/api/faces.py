@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.api.runtime import Runtime, RuntimeDep
 from service.api.uploads import ImageUpload, openapi_body, read_request
-from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace, NotFound
+from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
 from service.pipeline import Face, largest
 from service.schemas import (
     DetectOptions,
@@ -78,21 +78,16 @@ async def _chosen_face(
 
 async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np.ndarray) -> float:
     """Best similarity between `embedding` and the identity's faces made by the loaded embedder."""
-    identity = await runtime.in_gallery(runtime.gallery.get_identity, identity_id)  # 404 when absent
-    if identity.face_count == 0:
+    (similarity,) = await runtime.identity_similarity(identity_id, embedding[None, :])  # 404 when absent
+    if np.isnan(similarity):  # nothing to compare with: say why
+        identity = await runtime.in_gallery(runtime.gallery.get_identity, identity_id)
         if identity.foreign_face_count:
             raise ModelMismatch(
                 f"identity {identity_id!r} only has faces made by another embedder; re-enrol it",
                 details={"identity_id": identity_id, "foreign_faces": identity.foreign_face_count},
             )
         raise Conflict(f"identity {identity_id!r} has no faces", details={"identity_id": identity_id})
-    # Search every identity without a threshold: the gallery scores an identity by its best face.
-    total = await runtime.in_gallery(runtime.gallery.count_identities)
-    (matches,) = await runtime.search(embedding[None, :], top_k=max(total, 1), threshold=None)
-    similarity = next((m.similarity for m in matches if m.identity_id == identity_id), None)
-    if similarity is None:  # deleted while we were looking
-        raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
-    return similarity
+    return float(similarity)
 
 
 @router.post(

@@ -172,6 +172,13 @@ class Runtime:
 
         return await self.in_gallery(run)
 
+    async def identity_similarity(self, identity_id: str, embeddings: np.ndarray) -> np.ndarray:
+        def run():
+            with self.metrics.stage("search"):
+                return self.gallery.identity_similarity(identity_id, embeddings)
+
+        return await self.in_gallery(run)
+
     async def refresh_gallery_gauge(self) -> None:
         count = getattr(self.gallery, "count_faces", None)
         if count is not None:
