@@ -8,7 +8,7 @@ MODELS_DIR ?= artifacts/models
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
 
-.PHONY: up setup models serve test lint clean
+.PHONY: up setup models serve test lint clean evaluate bench
 
 up: setup models serve
 
@@ -30,6 +30,21 @@ serve: models
 
 test: models
 	$(PY) -m pytest -q
+
+# Accuracy figures on the shared data (../shared/data): ROC plots and JSON summaries under $(EVAL_OUT).
+SHARED_DATA ?= ../shared/data
+EVAL_OUT ?= artifacts/eval
+evaluate: models
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_ARGS) -e '.[serve,export,test,eval]'
+	$(PY) -m evaluate verify --pairs $(SHARED_DATA)/faces/pairs/pairs.csv --out $(EVAL_OUT)/pairs --models-dir $(MODELS_DIR)
+	$(PY) -m evaluate verify --pairs $(SHARED_DATA)/lfw-dev/pairs.txt --out $(EVAL_OUT)/lfw-dev --models-dir $(MODELS_DIR)
+	$(PY) -m evaluate detection --photos $(SHARED_DATA)/faces --out $(EVAL_OUT)/detection --models-dir $(MODELS_DIR)
+
+# Speed and memory against face_recognition (dlib); rewrites BENCHMARKS.md.
+bench: models
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_ARGS) -e '.[serve,export,test,bench]'
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps face-recognition==1.3.0
+	$(PY) -m benchmarks --models-dir $(MODELS_DIR) --photos $(SHARED_DATA)/faces
 
 lint: setup
 	$(VENV)/bin/ruff check .
