@@ -73,6 +73,7 @@ class ImageHeader:
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP bytes to an upright BGR uint8 array (H, W, 3); see the module doc for errors."""
+    data = bytes(data)  # a memoryview or bytearray would not support the searches below
     if len(data) > max_bytes:
         raise ImageTooLarge(
             f"image is {len(data)} bytes, the limit is {max_bytes}",
