@@ -323,3 +323,23 @@ def test_known_other_formats_are_unsupported(data: bytes, name: str) -> None:
 def test_tiff_written_by_opencv_is_unsupported(photo: np.ndarray) -> None:
     with pytest.raises(UnsupportedMediaType):
         decode_image(encode(".tiff", photo), **LIMITS)
+
+
+def test_palette_png_with_transparent_entry() -> None:
+    # Colour type 3 (palette) with a tRNS chunk making entry 0 fully transparent: alpha from a chunk, not
+    # from the colour type.
+    index = np.zeros((4, 6), np.uint8)
+    index[:, 3:] = 1
+    raw = b"".join(b"\x00" + row.tobytes() for row in index)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 4, 8, 3, 0, 0, 0))
+        + png_chunk(b"PLTE", bytes([255, 0, 0, 0, 0, 255]))  # entry 0 red, entry 1 blue (RGB)
+        + png_chunk(b"tRNS", bytes([0]))
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+    assert probe_image(data).has_alpha
+    image = decode_image(data, **LIMITS)
+    assert (image[:, :3] == 255).all()  # transparent red -> white
+    assert (image[:, 3:] == [255, 0, 0]).all()  # opaque blue, in BGR
