@@ -101,7 +101,7 @@ class Identity:
 
 
 def validate_identity_id(identity_id: str) -> str:
-    if not isinstance(identity_id, str) or not IDENTITY_ID_PATTERN.match(identity_id):
+    if not isinstance(identity_id, str) or not IDENTITY_ID_PATTERN.fullmatch(identity_id):
         raise InvalidParameter(
             "identity id must be 1-128 characters of letters, digits, '_', '.', '-', starting with a "
             "letter or digit",
@@ -121,7 +121,11 @@ class Gallery:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per operation.
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":  # e.g. a network file system; rollback journal + FULL is still durable
+            log.warning(
+                "gallery %s: journal mode is %s, not WAL (the file system refused it)", self.path, mode
+            )
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA secure_delete=ON")

@@ -191,7 +191,9 @@ def test_other_models_embeddings_are_never_compared(tmp_path: Path) -> None:
         assert len(old) == 4 and old.count_foreign() == 1
 
 
-@pytest.mark.parametrize("bad", ["", "-starts-with-dash", "has space", "a/b", "x" * 129, "é", None])
+@pytest.mark.parametrize(
+    "bad", ["", "-starts-with-dash", "has space", "a/b", "x" * 129, "é", "alice\n", None]
+)
 def test_invalid_identity_ids(gallery: Gallery, bad) -> None:
     with pytest.raises(InvalidParameter):
         gallery.enroll(bad, np.ones((1, D)))
