@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     quick = args.quick
-    repeat = 3 if quick else 30
+    repeat = 2 if quick else 30
     detector_path = args.models_dir / "retinaface_mnet025.onnx"
     embedder_path = args.models_dir / "mobilefacenet_192.onnx"
     for path in (detector_path, embedder_path):
         if not path.is_file():
             print(f"{path} is absent: run `make models`", file=sys.stderr)
             return 2
-    gallery_sizes = (500, 2000) if quick else tuple(int(s) for s in args.gallery_sizes.split(","))
+    gallery_sizes = (500,) if quick else tuple(int(s) for s in args.gallery_sizes.split(","))
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = dt.datetime.now(dt.timezone.utc)
     load_before = load_average()
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     face = largest(pipeline.detect(portrait_a))
     crop = pipeline.align(portrait_a, [face])[0]
     query = pipeline.embed(portrait_a, [face])[0].embedding
-    emb_rows = suites.embedder_latency(embedder_path, crop, (1, 8, 32), (1, 2), repeat)
+    emb_rows = suites.embedder_latency(embedder_path, crop, (1, 2) if quick else (1, 8, 32), (1, 2), repeat)
     print("\nembedder (Embedder.embed on aligned crops)")
     for r in emb_rows:
         print(f"  batch {r['batch']:>2}, {r['threads']} thread(s): {r['batch_ms']:6.1f} ms per batch, "
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if Embedder(embedder_path).threshold is None:
         env["FACE_MATCH_THRESHOLD"] = "0.4"  # the model carries none yet; needed to start, irrelevant to speed
     concurrencies = (1, 4, 16)
-    requests = {1: 10, 4: 12, 16: 32} if quick else {1: 150, 4: 300, 16: 480}
+    requests = {1: 3, 4: 4, 16: 16} if quick else {1: 150, 4: 300, 16: 480}
     detect_jpeg = suites.jpeg(frames[(640, 480)])
     http = suites.http_suite(env, detect_jpeg, (suites.jpeg(portrait_a), suites.jpeg(portrait_b)),
                              concurrencies, requests)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in galleries:
         print(f"  {g['faces']:>8} faces: {g['search_ms']:7.2f} ms (p95 {g['search_p95_ms']:.2f}); "
               f"bulk fill {g['fill_s']:.1f} s, {g['db_mb']:.0f} MB file, Gallery load {g['load_s']:.1f} s")
-    identify = suites.identify_http(env, galleries, suites.jpeg(portrait_a), 10 if quick else 60)
+    identify = suites.identify_http(env, galleries, suites.jpeg(portrait_a), 3 if quick else 60)
     print("/identify over HTTP (one face, c=1)")
     for r in identify:
         print(f"  {r['faces']:>8} faces: p50 {r['p50_ms']:6.1f} p95 {r['p95_ms']:6.1f} ms, server RSS "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-import uuid
 from pathlib import Path
 
 import cv2
@@ -116,6 +115,9 @@ def fill_gallery(path: Path, n: int, d: int, model_sha256: str, seed: int = 0) -
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     db = sqlite3.connect(str(path), isolation_level=None)
+    # A bulk load of a new file: no journal, no fsync (a crash just means filling it again). The Gallery set
+    # WAL mode when it created the file; it is switched back after the load.
+    db.execute("PRAGMA journal_mode=OFF")
     db.execute("PRAGMA synchronous=OFF")
     db.execute("BEGIN")
     now = time.time()
@@ -129,10 +131,10 @@ def fill_gallery(path: Path, n: int, d: int, model_sha256: str, seed: int = 0) -
         db.executemany(
             "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at, source) "
             "VALUES (?, ?, ?, ?, ?, NULL)",
-            [(uuid.uuid4().hex, i, model_sha256, x[j].astype("<f4").tobytes(), now) for j, i in enumerate(ids)],
+            [(f"{start + j:032x}", i, model_sha256, x[j].astype("<f4").tobytes(), now) for j, i in enumerate(ids)],
         )
     db.execute("COMMIT")
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("PRAGMA journal_mode=WAL")
     db.close()
     return time.perf_counter() - started
 

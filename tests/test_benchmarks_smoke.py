@@ -1,0 +1,72 @@
+"""The benchmark code paths at tiny sizes: a real server process, the load generator, the gallery fill, the report.
+
+No timing is asserted: speed figures come from `python -m benchmarks`, never from tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import harness, suites
+from benchmarks.__main__ import main
+
+
+def test_timing_percentiles_and_rss():
+    t = harness.Timing(np.arange(1, 101, dtype=float))
+    assert (t.p50, t.p95, t.p99, t.min) == pytest.approx((50.5, 95.05, 99.01, 1.0))
+    calls = []
+    assert harness.measure(lambda: calls.append(1), repeat=5, warmup=2).n == 5 and len(calls) == 7
+    rss, peak = harness.rss_mb(os.getpid())
+    assert 10 < rss <= peak
+
+
+def test_frame_has_the_requested_size():
+    image = np.zeros((300, 500, 3), np.uint8)
+    for w, h in suites.FRAME_SIZES:
+        assert suites.frame(image, w, h).shape == (h, w, 3)
+
+
+def test_gallery_fill_is_searchable(tmp_path):
+    from service.gallery import Gallery
+
+    suites.fill_gallery(tmp_path / "g.db", 300, 8, "a" * 64, seed=3)
+    with Gallery(tmp_path / "g.db", "a" * 64, 8) as gallery:
+        assert len(gallery) == 300
+        # Query with a stored vector: it must come back first with similarity 1.
+        stored = gallery._matrix[123].copy()
+        (matches,) = gallery.search(stored[None], top_k=3)
+        assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_quick_run_writes_the_report(models_dir, faces_dir, tmp_path, capsys):
+    if not (models_dir / "mobilefacenet_192.onnx").is_file():
+        pytest.skip("default embedder not built")
+    out = tmp_path / "BENCH.md"
+    assert main(["--quick", "--no-peer", "--models-dir", str(models_dir), "--photos", str(faces_dir),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 errors" in printed and " errors" in printed
+    assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
+    report = out.read_text()
+    for heading in ("## Detector", "## Embedder", "## HTTP", "## 1:N identification", "## The peer"):
+        assert heading in report
+    assert "QUICK MODE" in report
+    assert "| /verify | 16 |" in report
+
+
+def test_peer_runs_when_installed(faces_dir):
+    from benchmarks import peer
+
+    missing = peer.available()
+    if missing:
+        pytest.skip(f"face_recognition not installed ({missing}); `make bench` installs it")
+    import cv2
+
+    couple = cv2.imread(str(faces_dir / "groups" / "couple.jpg"))
+    frames = {(640, 480): suites.frame(couple, 640, 480)}
+    result = suites.peer_suite(frames, suites.fit(couple, 640), repeat=1, cnn_sizes=(), cnn_repeat=1)
+    assert result["detectors"][0]["faces"] == 2  # HOG finds the couple
+    assert result["descriptor_ms"] is not None
