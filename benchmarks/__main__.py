@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     load_before = load_average()
     info = machine()
+    from service.onnx_model import file_sha256
+
+    info["detector"] = f"{detector_path.name} {file_sha256(detector_path)[:12]}"
+    info["embedder"] = f"{embedder_path.name} {file_sha256(embedder_path)[:12]}"
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load average {load_before}")
 
     # Inputs: real photos, cut to standard frame sizes.
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if Embedder(embedder_path).threshold is None:
         env["FACE_MATCH_THRESHOLD"] = "0.4"  # the model carries none yet; needed to start, irrelevant to speed
     concurrencies = (1, 4, 16)
-    requests = {1: 3, 4: 4, 16: 16} if quick else {1: 150, 4: 300, 16: 480}
+    requests = {1: 3, 4: 4, 16: 16} if quick else {1: 100, 4: 200, 16: 320}
     detect_jpeg = suites.jpeg(frames[(640, 480)])
     http = suites.http_suite(env, detect_jpeg, (suites.jpeg(portrait_a), suites.jpeg(portrait_b)),
                              concurrencies, requests)
@@ -146,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in identify:
         print(f"  {r['faces']:>8} faces: p50 {r['p50_ms']:6.1f} p95 {r['p95_ms']:6.1f} ms, server RSS "
               f"{r['rss_mb']:.0f} MiB (peak {r['rss_peak_mb']:.0f}), ready in {r['startup_s']:.1f} s")
-    for g in galleries:
-        g["path"].unlink(missing_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
     # 5. The peer.
     from benchmarks import peer
@@ -201,6 +205,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         f"{info['python']}, onnxruntime {info['onnxruntime']}, numpy {info['numpy']}, OpenCV {info['opencv']}. "
         f"Load average (1, 5, 15 min) before the run: {load_before}; after: {load_after} (other work on the "
         "machine inflates these figures; a load near 0 means they are clean)."),
+        "",
+        f"Models: `{info['detector']}`, `{info['embedder']}` (sha256 prefixes; built by `make models`).",
         "",
         ("Inputs: `couple.jpg` (two faces) from the shared test photos, centre-cropped and resized to each frame "
         "size; portraits `img20.jpg` / `img21.jpg` resized to 640 px on the long side."),
