@@ -83,3 +83,26 @@ def test_wider_command_from_predictions(tmp_path):
     assert main(["wider", "--gt", str(gt), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "w")]) == 0
     # One of two faces found by the best box; the false positive comes after: AP = 1/2.
     assert json.loads((tmp_path / "w" / "wider.json").read_text())["ap"] == {"all": pytest.approx(0.5)}
+
+
+def test_wider_command_runs_the_detector_on_images(default_models, faces_dir, tmp_path):
+    # A one-image "WIDER" tree: couple.jpg under an event folder, its two faces as ground truth, taken from the
+    # detector at the file's defaults and rounded to whole pixels as WIDER's annotations are.
+    import shutil
+
+    from service.detector import RetinaFaceDetector
+    from service.images import decode_image
+
+    photo = faces_dir / "groups" / "couple.jpg"
+    (tmp_path / "images" / "0--Couple").mkdir(parents=True)
+    shutil.copy(photo, tmp_path / "images" / "0--Couple" / "couple.jpg")
+    found = RetinaFaceDetector(default_models / "retinaface_mnet025.onnx").detect(
+        decode_image(photo.read_bytes(), max_bytes=1 << 30, max_pixels=1 << 30))
+    assert len(found.boxes) == 2
+    rows = [f"{x1:.0f} {y1:.0f} {x2 - x1:.0f} {y2 - y1:.0f} 0 0 0 0 0 0" for x1, y1, x2, y2 in found.boxes]
+    (tmp_path / "gt.txt").write_text("0--Couple/couple.jpg\n2\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "w"
+    assert main(["wider", "--gt", str(tmp_path / "gt.txt"), "--images", str(tmp_path / "images"),
+                 "--models-dir", str(default_models), "--out", str(out)]) == 0
+    assert json.loads((out / "wider.json").read_text())["ap"]["all"] > 0.99
+    assert (out / "predictions" / "0--Couple" / "couple.txt").is_file()
