@@ -194,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.manual_seed(args.random_init)
-            model = randomise_batchnorm(SEResNetIR(depth=args.depth or 50, use_se=not args.no_se), args.random_init)
+            model = SEResNetIR(depth=args.depth or 50, use_se=not args.no_se)
+            photos = parity_inputs(model.cfg.input_size, n=8, faces_dir=args.faces)
+            model = randomise_batchnorm(model, args.random_init, torch.cat([photos, photos.flip(3)]))
             source, sha = f"random-init:seed={args.random_init}", state_dict_sha256(model)
         else:
             layout = None if args.layout == "auto" else args.layout

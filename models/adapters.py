@@ -48,8 +48,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], layout: str) -> IRConfi
         use_se = any(".se." in k for k in state_dict)
         base = IRConfig(
             mid_bn=any(re.match(r"stages\.\d\.\d+\.bn2\.", k) for k in state_dict),
-            se_bias=any(k.endswith("se.fc1.bias") for k in state_dict),
-            se_act="prelu" if any(k.endswith("se.act.weight") for k in state_dict) else "relu",
+            # Without SE blocks there is nothing to tell their form by: keep the defaults.
+            se_bias=any(k.endswith("se.fc1.bias") for k in state_dict) or not use_se,
+            se_act="prelu" if any(k.endswith("se.act.weight") for k in state_dict) or not use_se else "relu",
             variant="resnetface" if "stem.prelu.weight" in state_dict
             and state_dict["stem.prelu.weight"].numel() == 1 else "ir",
         )

@@ -226,19 +226,33 @@ class GrayscaleInput(nn.Module):
         return self.net((x * self.luma).sum(dim=1, keepdim=True))
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm plausible running statistics and affine terms (for untrained nets in tests/demos).
+def randomise_batchnorm(model: nn.Module, seed: int = 0, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Make an untrained net's BatchNorms non-trivial (for export checks and demos); returns it in eval mode.
 
-    A freshly initialised BN in eval mode is the identity (mean 0, var 1, weight 1, bias 0); through a deep net that
-    leaves activations either exploding or collapsing, and an export proven on such a net proves little.
+    A freshly initialised BN in eval mode is the identity (mean 0, var 1, weight 1, bias 0), and random running
+    statistics leave a deep net's output dominated by constant shifts (embeddings of different photos at cosine
+    ~0.999). So: random affine terms, and running statistics measured on `calibration` inputs [N, C, H, W] when
+    given (one train-mode pass with a cumulative average), else random ones. Calibrated, different photos get
+    clearly different embeddings, and a parity check on them exercises the whole graph.
     """
     gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+        for m in norms:
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+        if calibration is not None:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration pass
+            model.train()
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
+            model(calibration)
+            for m in norms:
+                m.momentum = 0.1
     return model.eval()
