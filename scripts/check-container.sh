@@ -16,7 +16,7 @@
 # 5. cleans up on success and on failure: server stopped, container removed, image removed (KEEP_IMAGE=1
 #    keeps it, and the layer cache with it, for a fast re-run).
 #
-# Environment: CHECK_PORT (default 18517), IMAGE (default localhost/facerec:check), KEEP_IMAGE (default 0),
+# Environment: CHECK_PORT (default: a free port), IMAGE (default localhost/facerec:check), KEEP_IMAGE (default 0),
 # FACEREC_SHARED_DATA (default ../shared/data), TORCH_FIND_LINKS (default: pip's global.find-links).
 set -euo pipefail
 
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 BASE=docker.io/library/python:3.11-slim
 IMAGE=${IMAGE:-localhost/facerec:check}
-PORT=${CHECK_PORT:-18517}
+CTR_NAME=facerec-container-check
 KEEP_IMAGE=${KEEP_IMAGE:-0}
 SHARED_DATA=${FACEREC_SHARED_DATA:-$ROOT/../shared/data}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
@@ -159,7 +159,14 @@ for arg in test:
 ((${#cmd[@]})) || { echo "check-container: the image has no CMD" >&2; exit 1; }
 ((${#healthcheck[@]})) || { echo "check-container: the image has no HEALTHCHECK" >&2; exit 1; }
 
-ctr=$(buildah from --pull-never "$IMAGE")
+# A fixed name: a container left by a run that was killed outright is removed here.
+buildah rm "$CTR_NAME" >/dev/null 2>&1 || true
+ctr=$(buildah from --pull-never --name "$CTR_NAME" "$IMAGE")
+PORT=${CHECK_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+if "$PY" -c "import socket, sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', $PORT)) != 0)"; then
+    echo "check-container: something already listens on port $PORT (set CHECK_PORT)" >&2
+    exit 1
+fi
 # Only PORT changes from the image's own environment, so that the check can run beside a server on :8000.
 buildah config --env "PORT=$PORT" "$ctr"
 # NAME=VALUE arguments are passed to the server's environment, as `docker run -e` would.
@@ -187,7 +194,29 @@ done
 say "healthy after $((SECONDS - t_start)) s"
 
 # The server's own process (buildah run forks it into the chroot): whoever listens on the port.
-server_pid=$(ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+server_pid=$(ss -ltnpH "sport = :$PORT" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -n | head -1 || true)
+if [[ -z $server_pid ]]; then
+    # No `ss`: the first python process under `buildah run`.
+    server_pid=$("$PY" - "$run_pid" <<'EOF'
+import os, sys
+children = {}
+for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{entry}/stat") as f:
+            children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    except OSError:
+        pass
+stack = [int(sys.argv[1])]
+while stack:
+    pid = stack.pop(0)
+    with open(f"/proc/{pid}/comm") as f:
+        if f.read().startswith("python"):
+            print(pid)
+            break
+    stack.extend(sorted(children.get(pid, [])))
+EOF
+)
+fi
 [[ -n $server_pid ]] || { echo "check-container: cannot find the process listening on :$PORT" >&2; exit 1; }
 
 rss_of_tree() {
@@ -285,7 +314,8 @@ size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$(podman image inspect --format '{{.Size}}' "$BASE")
 say "image $IMAGE: $((size / 1000000)) MB uncompressed, of which base $((base_size / 1000000)) MB" \
     "and the project's layers $(((size - base_size) / 1000000)) MB"
-podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | head -12 | cut -c1-150
+# The layers that weigh something (no `head`: a closed pipe would end the script under pipefail).
+podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | awk -F'\t' '$1 !~ /^0 B/' | cut -c1-150
 say "server memory (RSS, process tree of pid $server_pid): ${rss_rest} MiB at rest after start-up," \
     "${rss_after} MiB after the requests"
 say "all checks passed"
