@@ -1,0 +1,1 @@
+"""Measuring the models: verification metrics over labelled pairs (verification.py) and the evaluation command."""
