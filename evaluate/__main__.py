@@ -62,7 +62,9 @@ def cmd_verify(args) -> int:
     pairs = read_pairs(args.pairs, args.images_root)
     if args.limit:
         pairs = pairs[: args.limit]
-    result = score_pairs(pipeline, pairs, progress=True)
+    # LFW pairs.txt is about the person each photo is centred on; elsewhere /verify's rule (largest face) applies.
+    face = args.face or ("central" if Path(args.pairs).suffix == ".txt" else "largest")
+    result = score_pairs(pipeline, pairs, progress=True, face=face)
     folds = result.folds if len(set(result.folds.tolist())) > 1 else None
     report = summarise(result.scores, result.labels, folds=folds, threshold=threshold)
 
@@ -74,6 +76,7 @@ def cmd_verify(args) -> int:
         "pairs_file": str(args.pairs),
         "detector": str(settings.detector_path),
         "embedder": str(settings.embedder_path),
+        "face_choice": face,
         "threshold": threshold,
         "pairs": report.pairs,
         "same_pairs": report.same,
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--threshold", type=float, help="threshold under test (default: FACE_MATCH_THRESHOLD, "
                                                          "else the embedder's face.embedder.threshold)")
     verify.add_argument("--limit", type=int, help="only the first N pairs (a quick look)")
+    verify.add_argument("--face", choices=("largest", "central"),
+                        help="which detected face stands for a photo (default: central for LFW pairs.txt, "
+                             "whose photos are centred on the subject; largest, as /verify does, otherwise)")
     _common(verify)
     verify.set_defaults(run=cmd_verify)
 

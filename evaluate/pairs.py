@@ -53,19 +53,35 @@ class PairScores:
     seconds: float  # wall time for all photos (decode + detect + align + embed)
 
 
+def central(faces, shape: tuple[int, ...]):
+    """The face whose box centre is nearest the image centre, or None for no faces.
+
+    LFW's protocol is about the person the photo was cropped around (deep-funneled photos put them at the centre);
+    bystanders appear in some photos and are sometimes larger, so "largest" measures the wrong person there.
+    """
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return min(faces, key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2,
+               default=None)
+
+
 def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detection_score: float | None = None,
-                progress: bool = False) -> PairScores:
-    """Embed each distinct photo once (its largest face) and score every pair by cosine similarity."""
+                progress: bool = False, face: str = "largest") -> PairScores:
+    """Embed each distinct photo once (its `face`: "largest", as /verify does, or "central") and score every
+    pair by cosine similarity."""
     from service.images import decode_image
     from service.pipeline import largest
+
+    if face not in ("largest", "central"):
+        raise ValueError(f"face must be 'largest' or 'central', not {face!r}")
 
     photos = sorted({p.a for p in pairs} | {p.b for p in pairs})
     embeddings: dict[Path, np.ndarray | None] = {}
     started = time.perf_counter()
     for k, path in enumerate(photos):
         image = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
-        face = largest(pipeline.detect(image, score_threshold=detection_score))
-        embeddings[path] = None if face is None else pipeline.embed(image, [face])[0].embedding
+        found = pipeline.detect(image, score_threshold=detection_score)
+        chosen = largest(found) if face == "largest" else central(found, image.shape)
+        embeddings[path] = None if chosen is None else pipeline.embed(image, [chosen])[0].embedding
         if progress and (k + 1) % 500 == 0:
             log.info("%d/%d photos", k + 1, len(photos))
     seconds = time.perf_counter() - started
