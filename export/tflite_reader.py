@@ -273,10 +273,9 @@ def load_tflite(model: MobileFaceNet, path: str | Path) -> MobileFaceNet:
 
 def _residual_positions(model: MobileFaceNet) -> set[int]:
     """Indices into conv_units() after which our forward adds a shortcut (the project conv of a residual block)."""
-    positions, k = set(), 0
-    for conv, _, _ in model.conv_units():
+    positions = set()
+    for k, (conv, _, _) in enumerate(model.conv_units()):
         for block in model.features:
             if isinstance(block, InvertedResidual) and block.use_residual and block.conv[2] is conv:
                 positions.add(k)
-        k += 1
     return positions
