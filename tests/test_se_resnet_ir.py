@@ -73,10 +73,9 @@ def test_random_net_is_not_degenerate(faces_112: torch.Tensor, calibration_112: 
 # --- export parity ---------------------------------------------------------------------------------------------
 
 
-# Depth 100 without SE is the slowest export (~260 MB graph) and adds no code path the others miss.
 @pytest.mark.parametrize(
     ("depth", "use_se"),
-    [(18, True), (18, False), (50, True), (50, False), (100, True), pytest.param(100, False, marks=pytest.mark.slow)],
+    [(18, True), (18, False), (50, True), (50, False), (100, True), (100, False)],
     ids=["18-se", "18-no-se", "50-se", "50-no-se", "100-se", "100-no-se"],
 )
 def test_export_parity(
