@@ -25,20 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
+from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = ROOT / "artifacts" / "models"
 SHARED_FACES = Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "faces" / "pairs"
 
-# The standard ArcFace five-point template for 112x112 crops (left eye, right eye, nose tip, mouth corners), pixels.
-ARCFACE_TEMPLATE_112 = [
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-]
+# The standard five-point ArcFace template for 112x112 crops, in pixels: one definition, the service's.
+ARCFACE_TEMPLATE_112 = _SERVICE_TEMPLATE.tolist()
 # InsightFace convention: RGB, (x - 127.5) / 127.5 maps pixels 0..255 to -1..1.
 MEAN = [127.5, 127.5, 127.5]
 STD = [127.5, 127.5, 127.5]

