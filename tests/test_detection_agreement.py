@@ -31,10 +31,10 @@ def _photos(faces_dir):
     ]
 
 
-def test_onnx_detector_agrees_with_pytorch_on_real_photos(detector_and_reference, faces_dir):
+def test_onnx_detector_agrees_with_pytorch_on_real_photos(detector_and_reference, faces_dir, figures):
     detector, reference = detector_and_reference
     result = detection.agreement(detector, reference, _photos(faces_dir), faces_dir)
-    print("\n".join(detection.report_lines(result)))
+    figures("\n".join(detection.report_lines(result)))
     s = result["summary"]
     assert s["onnx_faces"] >= 9  # couple 2 + selfie 6 + mirror 1 at least, plus the portraits
     assert s["onnx_only"] == 0 and s["torch_only"] == 0

@@ -60,7 +60,7 @@ def _start_server(models_dir: Path, gallery: Path, log: Path) -> tuple[subproces
     pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def test_acknowledged_enrolments_survive_kill_9(models_dir, faces_dir, tmp_path):
+def test_acknowledged_enrolments_survive_kill_9(models_dir, faces_dir, tmp_path, figures):
     require_default_models(models_dir)
     gallery = tmp_path / "gallery.db"
     log = tmp_path / "server.log"
@@ -110,7 +110,7 @@ def test_acknowledged_enrolments_survive_kill_9(models_dir, faces_dir, tmp_path)
             server.kill()
 
     acked = dict(acknowledged)
-    print(f"acknowledged {len(acked)} enrolments, {len(attempted)} attempted, cut off: {failures}")
+    figures(f"acknowledged {len(acked)} enrolments, {len(attempted)} attempted, cut off: {failures}")
     assert len(acked) >= 12, log.read_text()[-3000:]
 
     server, url = _start_server(models_dir, gallery, log)

@@ -191,7 +191,7 @@ def test_default_embedder_metadata(default_embedder: Embedder) -> None:
 
 
 def test_default_embedder_on_real_faces(
-    default_embedder: Embedder, aligned_crops: dict[str, np.ndarray]
+    default_embedder: Embedder, aligned_crops: dict[str, np.ndarray], figures
 ) -> None:
     # In deepface's pairs.csv img1-img2 are the same person; img3 is someone else.
     batch = np.stack([aligned_crops[n] for n in ("img1.jpg", "img2.jpg", "img3.jpg")])
@@ -199,7 +199,7 @@ def test_default_embedder_on_real_faces(
     assert emb.shape == (3, 192) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     same, different = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
-    print(f"default embedder cosine: same {same:.3f}, different {different:.3f}")
+    figures(f"default embedder cosine: same {same:.3f}, different {different:.3f}")
     assert same > different + 0.2
 
     # Batching must not change the numbers, and mirror TTA must really use the mirror.

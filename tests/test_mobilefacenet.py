@@ -121,7 +121,7 @@ def aligned_crops(models_dir: Path, faces_dir: Path, default_embedder_path: Path
     return np.stack(crops)
 
 
-def test_tflite_parity_on_real_faces(aligned_crops: np.ndarray, default_embedder_path: Path):
+def test_tflite_parity_on_real_faces(aligned_crops: np.ndarray, default_embedder_path: Path, figures):
     from ai_edge_litert.interpreter import Interpreter
 
     tflite_path = mfn.fetch_tflite()  # cached by `make models`: no network
@@ -146,7 +146,7 @@ def test_tflite_parity_on_real_faces(aligned_crops: np.ndarray, default_embedder
     max_diff = float(np.abs(ours - reference).max())
     cosines = np.sum(ours * reference, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
     min_cos = float(cosines.min())
-    print(f"\nTFLite vs ONNX on {len(ours)} real aligned faces: max|diff| {max_diff:.3g} "
+    figures(f"TFLite vs ONNX on {len(ours)} real aligned faces: max|diff| {max_diff:.3g} "
           f"(embedding norms {np.linalg.norm(reference, axis=1).min():.2f}..{np.linalg.norm(reference, axis=1).max():.2f}), "
           f"min cosine {min_cos:.8f}")
     assert min_cos > PARITY_MIN_COSINE

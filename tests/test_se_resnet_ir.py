@@ -59,14 +59,14 @@ def test_units_and_shapes(depth: int) -> None:
         assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 512)
 
 
-def test_random_net_is_not_degenerate(faces_112: torch.Tensor, calibration_112: torch.Tensor) -> None:
+def test_random_net_is_not_degenerate(faces_112: torch.Tensor, calibration_112: torch.Tensor, figures) -> None:
     """Different photos give clearly different embeddings, so parity on them means something."""
     torch.manual_seed(0)
     model = randomise_batchnorm(SEResNetIR(depth=18), calibration=calibration_112)
     with torch.no_grad():
         a, b = model(faces_112)
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    print(f"random SE-ResNet-IR-18: cosine between two different photos {cosine:.4f}, |emb| {a.norm():.2f}")
+    figures(f"random SE-ResNet-IR-18: cosine between two different photos {cosine:.4f}, |emb| {a.norm():.2f}")
     assert torch.isfinite(a).all() and a.norm() > 1 and cosine < 0.9
 
 
@@ -79,7 +79,7 @@ def test_random_net_is_not_degenerate(faces_112: torch.Tensor, calibration_112: 
     ids=["18-se", "18-no-se", "50-se", "50-no-se", "100-se", "100-no-se"],
 )
 def test_export_parity(
-    depth: int, use_se: bool, faces_112: torch.Tensor, calibration_112: torch.Tensor, tmp_path: Path
+    depth: int, use_se: bool, faces_112: torch.Tensor, calibration_112: torch.Tensor, tmp_path: Path, figures
 ) -> None:
     torch.manual_seed(depth)
     model = randomise_batchnorm(_random_prelu(SEResNetIR(depth=depth, use_se=use_se)), depth, calibration_112)
@@ -88,7 +88,7 @@ def test_export_parity(
 
     report = arcface.export_model(model, out, "random-init", sha, inputs=faces_112)
 
-    print(f"{arcface.arch_name(model.cfg)}: max|diff| {report.max_abs_diff:.3g}, "
+    figures(f"{arcface.arch_name(model.cfg)}: max|diff| {report.max_abs_diff:.3g}, "
           f"min cosine {report.min_cosine:.8f}, {report.size_bytes / 2**20:.1f} MiB")
     assert report.max_abs_diff <= arcface.ATOL and report.min_cosine >= arcface.MIN_COSINE
     assert [c.label for c in report.variants[0].checks] == ["batch 1", "batch 2"]
@@ -108,12 +108,14 @@ def test_export_parity(
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, atol=arcface.ATOL)
 
 
-def test_reduced_precision_variants(faces_112: torch.Tensor, calibration_112: torch.Tensor, tmp_path: Path) -> None:
+def test_reduced_precision_variants(
+    faces_112: torch.Tensor, calibration_112: torch.Tensor, tmp_path: Path, figures
+) -> None:
     torch.manual_seed(0)
     model = randomise_batchnorm(_random_prelu(SEResNetIR(depth=18)), 0, calibration_112)
     report = arcface.export_model(model, tmp_path / "r18.onnx", "random-init", "0" * 64,
                                   variants=("fp32", "fp16", "int8"), inputs=faces_112)
-    print("\n" + report.table())
+    figures(report.table())
     sizes = {v.precision: v.size_bytes for v in report.variants}
     cosines = {v.precision: v.min_cosine for v in report.variants}
     assert cosines["fp16"] >= 0.999 and cosines["int8"] >= 0.99
