@@ -37,6 +37,18 @@ def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     return data.tobytes()
 
 
+def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A width x height frame holding the whole photo: resized to fit, centred on a mid-grey background (a
+    portrait keeps its whole face, which a centre crop to 4:3 would cut)."""
+    scale = min(width / image.shape[1], height / image.shape[0])
+    w, h = round(image.shape[1] * scale), round(image.shape[0] * scale)
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    canvas = np.full((height, width, 3), 128, np.uint8)
+    top, left = (height - h) // 2, (width - w) // 2
+    canvas[top : top + h, left : left + w] = cv2.resize(image, (w, h), interpolation=interpolation)
+    return canvas
+
+
 def fit(image: np.ndarray, long_side: int) -> np.ndarray:
     scale = long_side / max(image.shape[:2])
     size = (round(image.shape[1] * scale), round(image.shape[0] * scale))

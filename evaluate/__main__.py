@@ -64,7 +64,8 @@ def cmd_verify(args) -> int:
         pairs = pairs[: args.limit]
     # LFW pairs.txt is about the person each photo is centred on; elsewhere /verify's rule (largest face) applies.
     face = args.face or ("central" if Path(args.pairs).suffix == ".txt" else "largest")
-    result = score_pairs(pipeline, pairs, progress=True, face=face)
+    result = score_pairs(pipeline, pairs, progress=True, face=face, max_pixels=settings.max_image_pixels,
+                         detection_score=settings.detection_score_threshold, max_faces=settings.max_faces)
     folds = result.folds if len(set(result.folds.tolist())) > 1 else None
     report = summarise(result.scores, result.labels, folds=folds, threshold=threshold)
 
@@ -77,6 +78,8 @@ def cmd_verify(args) -> int:
         "detector": str(settings.detector_path),
         "embedder": str(settings.embedder_path),
         "face_choice": face,
+        "detection_score_threshold": settings.detection_score_threshold,  # None: the detector file's own
+        "max_faces": settings.max_faces,
         "threshold": threshold,
         "pairs": report.pairs,
         "same_pairs": report.same,

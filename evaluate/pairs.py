@@ -65,9 +65,11 @@ def central(faces, shape: tuple[int, ...]):
 
 
 def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detection_score: float | None = None,
-                progress: bool = False, face: str = "largest") -> PairScores:
+                progress: bool = False, face: str = "largest", max_faces: int | None = None) -> PairScores:
     """Embed each distinct photo once (its `face`: "largest", as /verify does, or "central") and score every
-    pair by cosine similarity."""
+    pair by cosine similarity. detection_score, max_faces and max_pixels: the server's settings of the same
+    names (FACE_DETECTION_SCORE_THRESHOLD, FACE_MAX_FACES, FACE_MAX_IMAGE_PIXELS), so that the figures are
+    those of the service as configured."""
     from service.images import decode_image
     from service.pipeline import largest
 
@@ -79,7 +81,7 @@ def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detec
     started = time.perf_counter()
     for k, path in enumerate(photos):
         image = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
-        found = pipeline.detect(image, score_threshold=detection_score)
+        found = pipeline.detect(image, score_threshold=detection_score, max_faces=max_faces)
         chosen = largest(found) if face == "largest" else central(found, image.shape)
         embeddings[path] = None if chosen is None else pipeline.embed(image, [chosen])[0].embedding
         if progress and (k + 1) % 500 == 0:

@@ -6,6 +6,7 @@ No timing is asserted: speed figures come from `python -m benchmarks`, never fro
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,7 +49,9 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, tmp_path, capsys):
     assert main(["--quick", "--no-peer", "--models-dir", str(models_dir), "--photos", str(faces_dir),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "0 errors" in printed and " errors" in printed
+    # Every HTTP load line reports its error count: all must be zero ("10 errors" must not pass for "0 errors").
+    error_counts = [int(n) for n in re.findall(r"(\d+) errors\)", printed)]
+    assert len(error_counts) == 6 and error_counts == [0] * 6, printed
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
     for heading in ("## Detector", "## Embedder", "## HTTP", "## 1:N identification", "## The peer"):
