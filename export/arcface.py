@@ -86,21 +86,13 @@ def parity_inputs(input_size: tuple[int, int], n: int = 4, faces_dir: Path | Non
     Centre square crop resized to the input size: real image statistics, not aligned faces (parity needs real
     pixel distributions, not alignment). Falls back to seeded noise, with a warning, when no photos are at hand.
     """
-    import cv2
     import torch
+
+    from export.core import portrait_crops
 
     faces_dir = Path(faces_dir) if faces_dir is not None else SHARED_FACES
     h, w = input_size
-    photos = sorted(faces_dir.glob("*.jpg"))[:n] if faces_dir.is_dir() else []
-    crops = []
-    for photo in photos:
-        bgr = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-        if bgr is None:
-            continue
-        side = min(bgr.shape[:2])
-        top, left = (bgr.shape[0] - side) // 2, (bgr.shape[1] - side) // 2
-        square = bgr[top : top + side, left : left + side]
-        crops.append(cv2.cvtColor(cv2.resize(square, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+    crops = portrait_crops(faces_dir, (h, w), n, "RGB")
     if len(crops) < 2:
         log.warning("no photos in %s: parity runs on seeded noise instead of real images", faces_dir)
         rng = np.random.default_rng(0)

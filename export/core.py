@@ -83,6 +83,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FACEREC_CACHE_DIR", ROOT / "artifacts" / "cache"))
 
 
+def portrait_crops(faces_dir: Path, size: tuple[int, int], n: int, color: str = "RGB") -> list[np.ndarray]:
+    """Up to n real photos from faces_dir (*.jpg, sorted) as centre square crops resized to size (h, w), uint8 in
+    `color` order. A centre crop of a portrait is mostly face: real pixel statistics for parity checks, which is
+    what they need (alignment is the service's business, not the exporter's). Empty when the folder is absent."""
+    import cv2
+
+    h, w = size
+    photos = sorted(Path(faces_dir).glob("*.jpg"))[:n] if Path(faces_dir).is_dir() else []
+    crops = []
+    for photo in photos:
+        bgr = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+        if bgr is None:
+            continue
+        side = min(bgr.shape[:2])
+        top, left = (bgr.shape[0] - side) // 2, (bgr.shape[1] - side) // 2
+        crop = cv2.resize(bgr[top : top + side, left : left + side], (w, h), interpolation=cv2.INTER_AREA)
+        crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB) if color == "RGB" else crop)
+    return crops
+
+
 def shared_data_dir() -> Path:
     """The project's shared test data (`../shared/data`, FACEREC_SHARED_DATA overrides). Used for parity
     inputs when it exists; the export never depends on it."""

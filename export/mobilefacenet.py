@@ -28,7 +28,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.core import ExportError, ExportReport, cache_dir, export_onnx, sha256_file, shared_data_dir
+from export.core import (
+    ExportError,
+    ExportReport,
+    cache_dir,
+    export_onnx,
+    portrait_crops,
+    sha256_file,
+    shared_data_dir,
+)
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
@@ -201,21 +209,10 @@ def sample_inputs(meta: dict[str, object], n: int = 4, seed: int = 0) -> torch.T
 
 
 def photo_inputs(meta: dict[str, object], n: int = 4, faces_dir: Path | None = None) -> torch.Tensor | None:
-    """Real portraits as network inputs (centre square crop, resized, colour and normalisation from `meta`),
-    or None when fewer than two photos are at hand. A centre crop of a portrait is mostly face: real pixel
-    statistics, which is what parity needs; alignment is the service's business, not the exporter's."""
+    """Real portraits as network inputs (colour and normalisation from `meta`), or None when fewer than two
+    photos are at hand."""
     faces_dir = Path(faces_dir) if faces_dir is not None else shared_data_dir() / "faces" / "pairs"
-    h, w = meta["face.input_size"]
-    photos = sorted(faces_dir.glob("*.jpg"))[:n] if faces_dir.is_dir() else []
-    crops = []
-    for photo in photos:
-        bgr = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-        if bgr is None:
-            continue
-        side = min(bgr.shape[:2])
-        top, left = (bgr.shape[0] - side) // 2, (bgr.shape[1] - side) // 2
-        crop = cv2.resize(bgr[top : top + side, left : left + side], (w, h), interpolation=cv2.INTER_AREA)
-        crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB) if meta["face.color"] == "RGB" else crop)
+    crops = portrait_crops(faces_dir, tuple(meta["face.input_size"]), n, str(meta["face.color"]))
     if len(crops) < 2:
         return None
     x = (np.stack(crops).astype(np.float32) - np.float32(meta["face.mean"])) / np.float32(meta["face.std"])
@@ -279,13 +276,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    # Like the other subcommands: messages on stderr, 2 for a command line that cannot work, 1 for a failed export.
+    if args.checkpoint is None and args.layout != "tflite":
+        print(f"error: --layout {args.layout} needs --checkpoint", file=sys.stderr)
+        return 2
     try:
         if args.checkpoint is None:
-            if args.layout != "tflite":
-                raise ExportError(f"--layout {args.layout} needs --checkpoint")
             checkpoint = fetch_tflite(args.cache_dir)
         else:
             checkpoint = args.checkpoint
+            if not checkpoint.is_file():  # checked here: sha256_file would fail with a bare FileNotFoundError
+                raise ExportError(f"{checkpoint}: no such checkpoint file")
         if args.layout == "tflite":
             meta = tflite_metadata()
             meta["face.source_sha256"] = sha256_file(checkpoint)
@@ -300,8 +303,9 @@ def run(args: argparse.Namespace) -> int:
             name = DEFAULT_FILE_NAME if args.layout == "tflite" else f"mobilefacenet_{args.layout}.onnx"
             out = ROOT / "artifacts" / "models" / name
         report = export_model(build(args.layout, checkpoint), meta, out, variants=("fp32", *args.variants))
-    except (ExportError, FetchError, ValueError) as exc:  # CheckpointError and TFLiteLayoutError are ValueErrors
-        print(f"error: {exc}")
+    # CheckpointError and TFLiteLayoutError are ValueErrors; OSError: an unreadable input or unwritable --out.
+    except (ExportError, FetchError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(report.table())
     return 0

@@ -22,6 +22,7 @@ x + b exactly.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +68,31 @@ class TFLiteGraph:
         import tflite
 
         self.path = Path(path)
-        buf = self.path.read_bytes()
         try:
-            self._model = tflite.Model.GetRootAsModel(buf, 0)
-            graph = self._model.Subgraphs(0)
-        except Exception as exc:  # a truncated or foreign file fails deep inside the flatbuffer accessors
-            raise TFLiteLayoutError(f"{self.path}: not a readable TFLite flatbuffer ({exc})") from exc
+            buf = self.path.read_bytes()
+        except OSError as exc:
+            raise TFLiteLayoutError(f"{self.path}: cannot read the file ({exc.strerror or exc})") from None
+        # Every TFLite flatbuffer carries the file identifier "TFL3" in bytes 4-7. Checking it first turns a
+        # foreign file (an ONNX graph, a PyTorch checkpoint, text) into a plain answer instead of an
+        # out-of-range read deep inside the flatbuffer accessors.
+        if len(buf) < 8 or not tflite.Model.ModelBufferHasIdentifier(buf, 0):
+            raise TFLiteLayoutError(
+                f"{self.path}: not a TFLite flatbuffer (no 'TFL3' file identifier in bytes 4-7; "
+                f"{len(buf)} bytes, starting {buf[:8]!r})"
+            )
+        self._size = len(buf)
+        try:
+            self._parse(tflite, buf)
+        except TFLiteLayoutError:
+            raise
+        except _CORRUPT as exc:  # a truncated file: its offsets point past the end of the buffer
+            raise _corrupt(self.path, len(buf), exc) from exc
+
+    def _parse(self, tflite, buf: bytes) -> None:
+        self._model = tflite.Model.GetRootAsModel(buf, 0)
+        if self._model.SubgraphsLength() < 1:
+            raise TFLiteLayoutError(f"{self.path}: the flatbuffer holds no subgraph")
+        graph = self._model.Subgraphs(0)
         self._graph = graph
         names = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
         self.inputs = tuple(int(i) for i in graph.InputsAsNumpy())
@@ -94,19 +114,41 @@ class TFLiteGraph:
             )
 
     def shape(self, tensor: int) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._graph.Tensors(tensor).ShapeAsNumpy())
+        try:
+            return tuple(int(d) for d in self._graph.Tensors(tensor).ShapeAsNumpy())
+        except _CORRUPT as exc:
+            raise _corrupt(self.path, self._size, exc) from exc
 
     def constant(self, tensor: int) -> np.ndarray | None:
         """The float32 data of a constant tensor, or None when the tensor is computed at run time."""
         import tflite
 
-        t = self._graph.Tensors(tensor)
-        data = self._model.Buffers(t.Buffer()).DataAsNumpy()
+        try:
+            t = self._graph.Tensors(tensor)
+            data = self._model.Buffers(t.Buffer()).DataAsNumpy()
+        except _CORRUPT as exc:  # TFLiteLayoutError cannot arise in here
+            raise _corrupt(self.path, self._size, exc) from exc
         if isinstance(data, int) or data.size == 0:
             return None
         if t.Type() != tflite.TensorType.FLOAT32:
             raise TFLiteLayoutError(f"{self.path}: tensor {tensor} is not float32 (quantised models are not supported)")
-        return np.frombuffer(data.tobytes(), dtype="<f4").reshape(self.shape(tensor)).copy()
+        values = np.frombuffer(data.tobytes(), dtype="<f4")
+        shape = self.shape(tensor)
+        if values.size != int(np.prod(shape)):
+            raise TFLiteLayoutError(f"{self.path}: tensor {tensor} has {values.size} values for shape {shape}")
+        return values.reshape(shape).copy()
+
+
+# What the generated flatbuffer accessors raise on a truncated or corrupted buffer: struct.error for an offset
+# past the end, IndexError / ValueError from numpy views of vectors cut short.
+_CORRUPT = (struct.error, IndexError, ValueError)
+
+
+def _corrupt(path: Path, size: int, exc: Exception) -> TFLiteLayoutError:
+    return TFLiteLayoutError(
+        f"{path}: truncated or corrupt TFLite flatbuffer ({size} bytes; an offset inside it points outside "
+        f"the file: {exc})"
+    )
 
 
 def _options(tflite, name: str, op) -> dict[str, int]:

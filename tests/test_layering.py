@@ -1,0 +1,101 @@
+"""Layering: the service runs without the training stack, and `python -m export --help` does not pay for it.
+
+Each check runs in a fresh interpreter, because this test process has long imported torch (other tests, the
+export package). Each also has a positive control that imports torch on purpose, so a probe that could not see
+torch (a typo in the module name, a broken subprocess) fails instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MODELS_DIR  # the built defaults, when there are any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_SIDE = ("torch", "export", "models")  # top-level packages the service must never import
+
+
+def _python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, check=False, cwd=ROOT, timeout=timeout
+    )
+
+
+# Runs in the child: import the service app, build it, start its lifespan (models loaded, one request served)
+# when the default models are there, then report which training-side packages ended up in sys.modules.
+SERVICE_PROBE = """
+import json, sys, warnings
+from pathlib import Path
+import service.app
+from service.settings import Settings
+
+models_dir = Path(sys.argv[1])
+settings = Settings(models_dir=models_dir, gallery_path=Path(sys.argv[2]) / "gallery.db")
+app = service.app.create_app(settings)
+served = None
+if all((models_dir / n).is_file() for n in (settings.detector_model, settings.embedder_model)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    with TestClient(app) as client:
+        served = client.get("/ready").status_code
+if sys.argv[3] == "control":
+    import torch  # noqa: F401
+print(json.dumps({
+    "served": served,
+    "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[4]))),
+}))
+"""
+
+
+def _service_probe(models_dir: Path, tmp_path: Path, mode: str) -> dict:
+    result = _python("-c", SERVICE_PROBE, str(models_dir), str(tmp_path), mode, json.dumps(TRAINING_SIDE))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_service_app_runs_without_torch(tmp_path: Path, figures) -> None:
+    report = _service_probe(MODELS_DIR, tmp_path, "plain")
+    assert report["loaded"] == [], f"the service imported training-side packages: {report['loaded']}"
+    if report["served"] is None:
+        figures(f"service layering: app built without torch; lifespan not run ({MODELS_DIR} lacks the defaults)")
+    else:
+        assert report["served"] == 200  # models loaded through ONNX Runtime alone
+        figures("service layering: app built, models loaded, /ready 200, no torch/export/models in sys.modules")
+    control = _service_probe(MODELS_DIR, tmp_path, "control")
+    assert "torch" in control["loaded"]  # the probe does see torch when it is there
+
+
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from `python -X importtime` output: 'import time: self | cumulative | name' lines."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":  # the header line
+                names.add(name)
+    return names
+
+
+def test_export_help_works_without_importing_torch() -> None:
+    result = _python("-X", "importtime", "-m", "export", "--help")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for command in ("defaults", "retinaface", "arcface", "mobilefacenet"):
+        assert command in result.stdout
+    imported = _imported_modules(result.stderr)
+    assert {"export", "argparse"} <= imported  # the probe parsed real importtime output
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+
+
+def test_export_subcommand_help_does_import_torch() -> None:
+    """The control for the test above: a subcommand's --help imports its module, and with it torch."""
+    result = _python("-X", "importtime", "-m", "export", "mobilefacenet", "--help")
+    if result.returncode != 0 and "is not installed" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--checkpoint" in result.stdout
+    assert "torch" in _imported_modules(result.stderr)
