@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import faces, gallery, system
+from service.api.docs import docs_router
 from service.api.runtime import Runtime
 from service.api.uploads import body_limit
 from service.errors import FaceServiceError, ImageTooLarge
@@ -60,7 +61,8 @@ as query parameters. Coordinates are pixels of the uploaded image: boxes `[x1, y
 
 Every error is `{"error": {"code": ..., "message": ..., "details": {...}}}` with a stable `code`.
 When API keys are configured (FACE_API_KEYS), every endpoint but /health and /ready needs one, as
-`X-API-Key: <key>` or `Authorization: Bearer <key>`.
+`X-API-Key: <key>` or `Authorization: Bearer <key>`; so do this document, /docs and /redoc, unless
+FACE_PUBLIC_DOCS is set.
 """
 
 
@@ -173,6 +175,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=_lifespan,
         responses={500: {"description": "Internal error (internal_error)", "model": ErrorResponse}},
+        # FastAPI's own docs routes cannot take the API-key dependency; service.api.docs serves them instead.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -181,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(faces.router)
     app.include_router(gallery.router)
+    app.include_router(docs_router(app, public=settings.public_docs))
 
     app.add_exception_handler(FaceServiceError, _domain_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

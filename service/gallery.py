@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 IDENTITY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_DISPLAY_NAME = 256
 MAX_METADATA_BYTES = 16 * 1024
+# Nesting of metadata containers. Deeper JSON is no use to anyone, and the recursive encoders and decoders it
+# passes through (json, pydantic) fail with RecursionError somewhere near a thousand levels.
+MAX_METADATA_DEPTH = 32
+# SQLite integers are signed 64-bit: the sqlite3 module raises OverflowError for a larger Python int.
+SQLITE_MAX_INTEGER = 2**63 - 1
 # Queries are scored in chunks so that the (queries x faces) score matrix stays under ~128 MB.
 _SCORE_BUDGET = 32 * 1024 * 1024
 
@@ -108,6 +113,19 @@ def validate_identity_id(identity_id: str) -> str:
             details={"identity_id": str(identity_id)[:200], "pattern": IDENTITY_ID_PATTERN.pattern},
         )
     return identity_id
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """True when dicts and lists in `value` nest more than `limit` deep. Iterative, so that any depth is safe
+    to check: a recursive walk would fail on exactly the input this is meant to refuse."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 class Gallery:
@@ -225,13 +243,26 @@ class Gallery:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. The COMMIT is inside the try: a COMMIT that fails (disk full, I/O error,
+        busy) can leave the transaction open, and then every later BEGIN fails and this connection keeps
+        reading rows the in-memory matrix never got. Callers change the matrix only after a clean exit."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
-        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if not self._db.in_transaction:  # SQLite already rolled back by itself (it does on some I/O errors)
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            # Raise the original error, not this one; it is the cause. A connection that cannot roll back
+            # is broken and later writes will fail (logged) until a restart reopens the file.
+            log.exception("gallery %s: ROLLBACK failed", self.path)
 
     # -- writes -----------------------------------------------------------------------------------------------
 
@@ -346,8 +377,8 @@ class Gallery:
 
     def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
         """A page of identities ordered by id, and the total number of identities."""
-        if offset < 0 or limit < 0:
-            raise InvalidParameter("offset and limit must be >= 0")
+        if not (0 <= offset <= SQLITE_MAX_INTEGER and 0 <= limit <= SQLITE_MAX_INTEGER):
+            raise InvalidParameter(f"offset and limit must be between 0 and {SQLITE_MAX_INTEGER}")
         with self._lock:
             total = self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
             rows = self._db.execute(
@@ -515,6 +546,8 @@ class Gallery:
     def _metadata_json(metadata: Any) -> str:
         if not isinstance(metadata, dict):
             raise InvalidParameter("metadata must be a JSON object")
+        if json_depth_exceeds(metadata, MAX_METADATA_DEPTH):
+            raise InvalidParameter(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
         try:
             text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:

@@ -2,7 +2,8 @@
 
 Each app owns its own CollectorRegistry (not prometheus-client's global one), so several apps in one process
 (tests) do not collide. Endpoints are labelled by their route template (`/identities/{identity_id}`), never by
-the raw path, so the label set stays bounded whatever clients send.
+the raw path, and methods outside the standard set as "other", so the label set stays bounded whatever clients
+send.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# The methods of RFC 9110, and PATCH. HTTP allows any token as a method, and a label per token would let
+# clients create series without bound (the route answers 405, but the series would stay).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
 def route_template(scope: Scope, static_paths: frozenset[str] = frozenset()) -> str:
     """The matched route's path template. A request answered before routing (413 from the body limit) is
     labelled by its path only when that is one of `static_paths`, else "unmatched": a label per raw path
@@ -112,6 +122,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             endpoint = route_template(scope, self.static_paths)
-            method = scope["method"]
+            method = method_label(scope["method"])
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
             self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)

@@ -13,7 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from service.gallery import IDENTITY_ID_PATTERN
+from service.gallery import (
+    IDENTITY_ID_PATTERN,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    SQLITE_MAX_INTEGER,
+    json_depth_exceeds,
+)
 
 IdentityId = Annotated[
     str,
@@ -86,7 +92,9 @@ class EnrollOptions(DetectionOptions):
     identity_id: IdentityId
     display_name: str | None = Field(None, max_length=256, description="Human-readable name.")
     metadata: dict[str, Any] | None = Field(
-        None, description="Free-form JSON object stored with the identity"
+        None,
+        description=f"Free-form JSON object stored with the identity (at most {MAX_METADATA_BYTES} bytes as "
+        f"compact JSON, {MAX_METADATA_DEPTH} levels deep)",
     )
     multiple_faces: Literal["reject", "largest"] = Field(
         "reject",
@@ -97,22 +105,36 @@ class EnrollOptions(DetectionOptions):
     @field_validator("metadata", mode="before")
     @classmethod
     def _parse_json(cls, value):
+        # Every failure here must be a ValueError, which pydantic turns into a 422; anything else (the
+        # RecursionError of `[[[[...`) would escape validation as a 500.
         if isinstance(value, str):
             if not value.strip():
                 return None
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"metadata is not valid JSON: {exc.msg}") from None
-        if value is not None and not isinstance(value, dict):
+            except RecursionError:
+                raise ValueError("metadata is nested too deeply") from None
+            except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
+                raise ValueError(f"metadata is not valid JSON: {getattr(exc, 'msg', exc)}") from None
+        if value is None:
+            return None
+        if not isinstance(value, dict):
             raise ValueError("metadata must be a JSON object")
-        if value is not None and len(json.dumps(value)) > 16_384:
-            raise ValueError("metadata must stay under 16 KiB of JSON")
+        # Depth first: the size check below encodes the value, recursively.
+        if json_depth_exceeds(value, MAX_METADATA_DEPTH):
+            raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        # The gallery's own encoding (compact, no NaN), so that what passes here is what it stores.
+        try:
+            text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except ValueError:  # a JSON body may carry NaN or Infinity, which Python's parser accepts
+            raise ValueError("metadata holds NaN or Infinity, which are not JSON") from None
+        if len(text.encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must stay within {MAX_METADATA_BYTES} bytes of JSON")
         return value
 
 
 class PageOptions(_Options):
-    offset: int = Field(0, ge=0, description="Items to skip.")
+    offset: int = Field(0, ge=0, le=SQLITE_MAX_INTEGER, description="Items to skip.")
     limit: int = Field(50, ge=1, le=1000, description="Most items returned.")
 
 

@@ -1,4 +1,5 @@
-"""Optional API keys: when FACE_API_KEYS is set, every endpoint but /health and /ready needs one.
+"""Optional API keys: when FACE_API_KEYS is set, every endpoint but /health and /ready needs one (the OpenAPI
+document and its viewers too, unless FACE_PUBLIC_DOCS is set; see service.api.docs).
 
 A key travels as `X-API-Key: <key>` or `Authorization: Bearer <key>`. Keys are compared in constant time
 (hmac.compare_digest against every configured key, without stopping at the first hit) so response timing

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         description="Comma-separated API keys; empty means the API is open. Sent as X-API-Key or "
         "Authorization: Bearer.",
     )
+    public_docs: bool = Field(
+        False,
+        description="Serve /docs, /redoc and /openapi.json without an API key (Swagger's Authorize button "
+        "needs that).",
+    )
 
     # --- server -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -187,6 +188,9 @@ def test_health_ready_models(client):
 
 def test_metrics_count_requests_and_stages(client, faces_dir):
     _detect(client, photo(faces_dir, "pairs/img5.jpg"))
+    # /identify aligns and embeds too, so this test does not depend on the ones before it having done so.
+    identified = client.post("/identify", files={"image": ("a.jpg", photo(faces_dir, "pairs/img5.jpg"))})
+    assert identified.status_code == 200
     text = client.get("/metrics").text
     samples = {}
     for line in text.splitlines():
@@ -198,6 +202,35 @@ def test_metrics_count_requests_and_stages(client, faces_dir):
     for stage in ("decode", "detect", "align", "embed"):
         assert samples[f'face_stage_duration_seconds_count{{stage="{stage}"}}'] >= 1, stage
     assert 'face_stage_duration_seconds_count{stage="search"}' in samples
+
+
+def test_metrics_labels_stay_bounded(client):
+    # Any token is a valid HTTP method and any string fits a path parameter: neither may mint a new series.
+    for i in range(3):
+        client.request(f"BREW{i}", "/identities/someone")
+        client.get(f"/identities/random-{i}-xyz")
+        client.get(f"/no/such/path/{i}")
+    text = client.get("/metrics").text
+    pattern = r'^face_http_requests_total\{endpoint="([^"]*)",method="([^"]*)"'
+    labels = set(re.findall(pattern, text, re.MULTILINE))
+    assert ("/identities/{identity_id}", "other") in labels and ("/identities/{identity_id}", "GET") in labels
+    assert ("unmatched", "GET") in labels
+    assert not any("BREW" in method or "random" in path or "/no/" in path for path, method in labels)
+
+
+def test_detect_mirror_photo_finds_one_face(client, faces_dir):
+    # ../shared/data/README.md: exactly 1 face with this detector at 640 px on the long side, which is where
+    # the service resizes this 1174x1564 photo to.
+    body = _detect(client, photo(faces_dir, "groups/mirror-reflection.jpg"))
+    assert body["image"] == {"width": 1174, "height": 1564}
+    assert len(body["faces"]) == 1, body
+    face = body["faces"][0]
+    _assert_face_shape(face, 1174, 1564)
+    assert face["score"] > 0.99
+    x1, y1, x2, y2 = face["box"]
+    assert 400 < x2 - x1 < 800 and (y1 + y2) / 2 < 1564 / 2  # a large face, centred in the upper half
+    (_, left_eye_y), (_, right_eye_y), _, (_, mouth_left_y), (_, mouth_right_y) = face["landmarks"]
+    assert max(left_eye_y, right_eye_y) < min(mouth_left_y, mouth_right_y)  # upright: eyes above the mouth
 
 
 def test_openapi_documents_both_encodings(client):

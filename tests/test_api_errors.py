@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import struct
 
 import cv2
 import numpy as np
@@ -196,3 +197,133 @@ def test_an_unexpected_failure_is_a_500_that_reveals_nothing(client, faces_dir, 
     assert "secret" not in response.text
     monkeypatch.undo()
     assert _post_image(client, "/detect", photo(faces_dir, "pairs/img5.jpg")).status_code == 200
+
+
+# --- hostile JSON, parameters out of range, bad images on every image endpoint ----------------------------
+
+IMAGE_ENDPOINTS = ["/detect", "/verify", "/identify", "/enroll"]
+
+
+@pytest.mark.parametrize("path", IMAGE_ENDPOINTS)
+def test_json_too_deep_or_with_a_huge_integer_is_a_422(client, path):
+    # Python's json parser raises RecursionError on `[[[[...` and ValueError on an integer over 4300 digits:
+    # neither is a JSONDecodeError, and both once escaped as 500s.
+    deep = "[" * 5000 + "]" * 5000
+    huge = '{"max_faces": ' + "7" * 5000 + "}"
+    for body in (deep, '{"image": ' + deep + "}", huge):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        _assert_error(response, 422, "invalid_parameter")
+
+
+def test_enroll_metadata_too_deep_is_a_422(client, faces_dir):
+    image = [("images", ("a.jpg", photo(faces_dir, "pairs/img25.jpg")))]
+    # 30,000 brackets fit the 64 KiB form-field cap; json.loads raised RecursionError inside the validator.
+    too_deep = ("[" * 30000, '{"a": ' + "[" * 30000 + "]" * 30000 + "}", '{"a": ' + "[" * 40 + "]" * 40 + "}")
+    for metadata in too_deep:
+        response = client.post("/enroll", data={"identity_id": "deep", "metadata": metadata}, files=image)
+        _assert_error(response, 422, "invalid_parameter")
+        assert response.json()["error"]["details"]["errors"][0]["field"] == "metadata"
+    # Through a JSON body the parser takes a few hundred levels; the gallery must still not store them.
+    encoded = base64.b64encode(photo(faces_dir, "pairs/img25.jpg")).decode()
+    metadata = '{"a": ' + "[" * 400 + "]" * 400 + "}"
+    body = '{"identity_id": "deep", "images": ["' + encoded + '"], "metadata": ' + metadata + "}"
+    _assert_error(client.post("/enroll", content=body, headers={"content-type": "application/json"}),
+                  422, "invalid_parameter")
+    assert client.get("/identities/deep").status_code == 404
+
+
+def _random_bytes() -> bytes:
+    return bytes(np.random.default_rng(7).integers(0, 256, 2048, dtype=np.uint8))
+
+
+def _truncated_jpeg(faces_dir) -> bytes:
+    data = photo(faces_dir, "pairs/img5.jpg")
+    return data[: len(data) * 2 // 3]
+
+
+@pytest.mark.parametrize("bad_field", ["image1", "image2"])
+@pytest.mark.parametrize("bad_kind", ["random", "truncated"])
+def test_verify_invalid_image_names_the_image(client, faces_dir, bad_field, bad_kind):
+    bad = _random_bytes() if bad_kind == "random" else _truncated_jpeg(faces_dir)
+    good = photo(faces_dir, "pairs/img2.jpg")
+    files = {"image1": ("a.jpg", good), "image2": ("b.jpg", good), bad_field: ("bad.jpg", bad)}
+    response = client.post("/verify", files=files)
+    _assert_error(response, 400, "invalid_image")
+    details = response.json()["error"]["details"]
+    assert details["field"] == bad_field and details["filename"] == "bad.jpg"
+
+
+@pytest.mark.parametrize("bad_kind", ["random", "truncated"])
+def test_enroll_invalid_image_is_rejected_and_nothing_stored(client, faces_dir, bad_kind):
+    bad = _random_bytes() if bad_kind == "random" else _truncated_jpeg(faces_dir)
+    files = [("images", ("good.jpg", photo(faces_dir, "pairs/img25.jpg"))), ("images", ("bad.jpg", bad))]
+    response = client.post("/enroll", data={"identity_id": "half-bad"}, files=files)
+    _assert_error(response, 400, "invalid_image")
+    rejected = response.json()["error"]["details"]["rejected"]
+    assert [(r["image_index"], r["filename"], r["code"]) for r in rejected] == [
+        (1, "bad.jpg", "invalid_image")
+    ]
+    assert client.get("/identities/half-bad").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"threshold": 2}, {"face1": -1}, {"face2": "abc"}, {"min_score": 0}, {"identity_id": "no way!"}],
+)
+def test_verify_bad_parameters(client, faces_dir, params):
+    data = photo(faces_dir, "pairs/img5.jpg")
+    files = {"image1": ("a.jpg", data), "image2": ("b.jpg", data)}
+    encoded = base64.b64encode(data).decode()
+    for response in (
+        client.post("/verify", files=files, params=params),
+        client.post("/verify", files=files, data={k: str(v) for k, v in params.items()}),
+        client.post("/verify", json={"image1": encoded, "image2": encoded, **params}),
+    ):
+        _assert_error(response, 422, "invalid_parameter")
+        field = next(iter(params))
+        assert any(e["field"] == field for e in response.json()["error"]["details"]["errors"]), response.text
+
+
+@pytest.mark.parametrize(
+    "field, form",
+    [
+        ("multiple_faces", {"identity_id": "ok-id", "multiple_faces": "bogus"}),
+        ("identity_id", {"identity_id": "-starts-with-dash"}),
+        ("identity_id", {"identity_id": "has space"}),
+        ("identity_id", {"identity_id": "x" * 129}),
+        ("display_name", {"identity_id": "ok-id", "display_name": "n" * 257}),
+    ],
+)
+def test_enroll_bad_parameters(client, faces_dir, field, form):
+    image = [("images", ("a.jpg", photo(faces_dir, "pairs/img25.jpg")))]
+    response = client.post("/enroll", data=form, files=image)
+    _assert_error(response, 422, "invalid_parameter")
+    assert any(e["field"] == field for e in response.json()["error"]["details"]["errors"]), response.text
+    assert client.get(f"/identities/{form['identity_id']}").status_code in (404, 422)  # nothing stored
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "webp"])
+@pytest.mark.parametrize("path", ["/detect", "/verify", "/enroll"])
+def test_jpeg_and_webp_bombs_are_refused_over_http(client, faces_dir, kind, path):
+    # A real, small photo whose header claims 16383 x 16383 pixels (268 MP, the most a VP8 frame can declare).
+    image = cv2.imread(str(faces_dir / "pairs" / "img5.jpg"))
+    if kind == "jpeg":
+        data = bytearray(cv2.imencode(".jpg", image)[1].tobytes())
+        sof = data.index(b"\xff\xc0")  # OpenCV writes baseline JPEGs: height, width at +5
+        data[sof + 5 : sof + 9] = struct.pack(">HH", 16383, 16383)
+    else:
+        data = bytearray(cv2.imencode(".webp", image, [cv2.IMWRITE_WEBP_QUALITY, 80])[1].tobytes())
+        assert data[12:16] == b"VP8 "
+        data[26:30] = struct.pack("<HH", 16383, 16383)
+    assert len(data) < 100_000
+    field = {"/detect": "image", "/verify": "image1", "/enroll": "images"}[path]
+    files = [(field, ("bomb.bin", bytes(data)))]
+    if path == "/verify":
+        files.append(("image2", ("b.jpg", photo(faces_dir, "pairs/img5.jpg"))))
+    form = {"identity_id": "bomb"} if path == "/enroll" else {}
+    response = client.post(path, files=files, data=form)
+    _assert_error(response, 413, "image_too_large")
+    details = response.json()["error"]["details"]
+    if path == "/enroll":
+        details = details["rejected"][0]
+    assert (details["width"], details["height"]) == (16383, 16383) and details["field"] == field

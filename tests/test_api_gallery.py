@@ -212,3 +212,28 @@ def test_faces_of_another_model_are_kept_counted_and_never_matched(models_dir, f
         response = client.post("/verify", files={"image1": ("x.jpg", photo(faces_dir, "pairs/img21.jpg"))},
                                data={"identity_id": "old-model"})
         assert response.status_code == 409 and error_code(response) == "model_mismatch"
+
+
+def test_page_offsets_are_bounded(client):
+    # SQLite integers are 64-bit: a larger offset raised OverflowError in the sqlite3 module (a 500).
+    for offset in ("99999999999999999999", str(2**63), "9" * 5000, "-1"):
+        response = client.get("/identities", params={"offset": offset})
+        assert response.status_code == 422 and error_code(response) == "invalid_parameter", offset
+        assert response.json()["error"]["details"]["errors"][0]["field"] == "offset"
+    largest = client.get("/identities", params={"offset": 2**63 - 1})
+    assert largest.status_code == 200 and largest.json()["items"] == []
+
+
+def test_metadata_is_stored_up_to_its_depth_limit(client, faces_dir):
+    nested: dict = {"leaf": 1}
+    for _ in range(31):  # 32 levels of objects: the most the gallery keeps
+        nested = {"n": nested}
+    _enroll(client, faces_dir, "deep-ok", "img25.jpg", metadata=json.dumps(nested))
+    try:
+        assert client.get("/identities/deep-ok").json()["metadata"] == nested
+        too_deep = {"identity_id": "deep-ok", "metadata": json.dumps({"n": nested})}
+        response = client.post("/enroll", data=too_deep, files=_files(faces_dir, "img25.jpg"))
+        assert response.status_code == 422 and error_code(response) == "invalid_parameter"
+        assert client.get("/identities/deep-ok").json()["face_count"] == 1  # the refused one stored nothing
+    finally:
+        client.delete("/identities/deep-ok")

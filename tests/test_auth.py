@@ -1,4 +1,5 @@
-"""API keys: with FACE_API_KEYS set, everything but /health and /ready needs a valid key."""
+"""API keys: with FACE_API_KEYS set, everything but /health and /ready needs a valid key (the docs too, unless
+FACE_PUBLIC_DOCS is set)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,16 @@ PROTECTED = [
     ("get", "/identities"),
     ("get", "/identities/someone"),
     ("delete", "/identities/someone"),
+    ("delete", "/identities/someone/faces/0123456789abcdef"),
     ("post", "/detect"),
     ("post", "/verify"),
     ("post", "/identify"),
     ("post", "/enroll"),
+    # The API's description is not public either, unless FACE_PUBLIC_DOCS says so (test below).
+    ("get", "/openapi.json"),
+    ("get", "/docs"),
+    ("get", "/docs/oauth2-redirect"),
+    ("get", "/redoc"),
 ]
 
 
@@ -52,6 +59,42 @@ def test_valid_keys_in_either_header(client, faces_dir):
         assert client.get("/models", headers=headers).status_code == 200
         response = client.post("/detect", files=image, headers=headers)
         assert response.status_code == 200 and len(response.json()["faces"]) == 1
+
+
+def test_docs_with_a_key(client):
+    headers = {"X-API-Key": API_KEY}
+    spec = client.get("/openapi.json", headers=headers)
+    assert spec.status_code == 200 and "/detect" in spec.json()["paths"]
+    assert "/docs" not in spec.json()["paths"]  # the docs routes describe the API, they are not part of it
+    for path in ("/docs", "/redoc"):
+        page = client.get(path, headers=headers)
+        assert page.status_code == 200 and "/openapi.json" in page.text
+
+
+def test_public_docs_setting_opens_the_docs_and_nothing_else(models_dir, tmp_path):
+    with api_client(models_dir, tmp_path, api_keys=API_KEY, public_docs=True) as public:
+        spec = public.get("/openapi.json")
+        assert spec.status_code == 200
+        # The security schemes are what puts the "Authorize" button on /docs.
+        assert set(spec.json()["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+        assert public.get("/docs").status_code == 200 and "swagger-ui" in public.get("/docs").text
+        assert public.get("/redoc").status_code == 200
+        for method, path in PROTECTED:
+            if path not in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
+                response = getattr(public, method)(path)
+                assert response.status_code == 401 and error_code(response) == "unauthorized", path
+
+
+def test_public_docs_setting_from_the_environment(models_dir, monkeypatch):
+    require_default_models(models_dir)
+    monkeypatch.setenv("FACE_MODELS_DIR", str(models_dir))
+    monkeypatch.delenv("FACE_PUBLIC_DOCS", raising=False)
+    assert Settings().public_docs is False
+    monkeypatch.setenv("FACE_PUBLIC_DOCS", "true")
+    assert Settings().public_docs is True
+    monkeypatch.setenv("FACE_PUBLIC_DOCS", "perhaps")
+    with pytest.raises(ValidationError):
+        Settings()
 
 
 def test_key_check_happens_before_the_body_is_used(client):

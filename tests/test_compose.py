@@ -125,7 +125,10 @@ def test_compose_environment_is_a_valid_configuration(service, tmp_path, monkeyp
     settings = Settings()
     assert settings.host == "0.0.0.0"
     assert settings.gallery_path == Path("/data/gallery.db")
-    assert settings.api_keys == []
+    assert settings.api_keys == [] and settings.public_docs is False
+    # The pixel limit leaves the worst single request (/verify, two 16-bit RGBA PNGs) room in 1 GiB; see the
+    # figures in docker-compose.yml.
+    assert settings.max_image_pixels == 25_000_000 < Settings.model_fields["max_image_pixels"].default
     # A key given through the host environment reaches the service.
     monkeypatch.setenv(
         "FACE_API_KEYS", _environment(service, {"FACE_API_KEYS": "k" * 20 + ",m" + "x" * 19})["FACE_API_KEYS"]

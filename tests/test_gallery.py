@@ -209,7 +209,66 @@ def test_invalid_embeddings_and_parameters(gallery: Gallery) -> None:
         gallery.search(np.ones((1, D)), top_k=0)
     with pytest.raises(InvalidParameter):
         gallery.search(np.ones((1, D)), threshold=1.5)
+    deep: dict = {}
+    for _ in range(40):
+        deep = {"n": deep}
+    with pytest.raises(InvalidParameter, match="deeper"):
+        gallery.enroll("ok", np.ones((1, D)), metadata=deep)
+    with pytest.raises(InvalidParameter):  # past SQLite's 64-bit integers: was an OverflowError
+        gallery.list_identities(offset=2**63)
+    assert gallery.list_identities(offset=2**63 - 1) == ([], 0)
     assert gallery.count_identities() == 0 and gallery.search(np.ones((2, D))) == [[], []]
+
+
+class FailingCommit:
+    """The gallery's sqlite3 connection, except that the next COMMIT fails as on a full disk and leaves the
+    transaction open. After SQLITE_FULL, SQLITE_IOERR or SQLITE_BUSY, SQLite may or may not have rolled back
+    by itself (its "Response To Errors Within A Transaction"); still open is the case that needs handling."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.fail_next_commit = False
+
+    def execute(self, sql: str, *args):
+        if sql.strip().upper() == "COMMIT" and self.fail_next_commit:
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.db, name)
+
+
+def test_a_failed_commit_is_rolled_back_and_later_writes_work(tmp_path: Path) -> None:
+    path = tmp_path / "gallery.db"
+    rng = np.random.default_rng(11)
+    kept, lost, later = (unit(rng.normal(size=(1, D))) for _ in range(3))
+    with Gallery(path, MODEL, D) as g:
+        g.enroll("kept", kept)
+        connection = g._db
+        g._db = failing = FailingCommit(connection)
+
+        failing.fail_next_commit = True
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            g.enroll("lost", lost, display_name="Lost")
+        assert not connection.in_transaction  # rolled back, not left open for every later BEGIN to trip on
+        with pytest.raises(NotFound):  # not even this connection sees the uncommitted rows
+            g.get_identity("lost")
+        assert g.count_identities() == 1 and len(g) == 1
+        assert [m.identity_id for m in g.search(lost, top_k=5, threshold=-1.0)[0]] == ["kept"]
+
+        failing.fail_next_commit = True
+        with pytest.raises(sqlite3.OperationalError):
+            g.delete_identity("kept")
+        assert not connection.in_transaction
+        assert g.search(kept, top_k=1)[0][0].identity_id == "kept"  # matrix and disk both still hold it
+
+        g.enroll("later", later)  # the next write works
+        assert g.search(later, top_k=1)[0][0].identity_id == "later" and len(g) == 2
+        g._db = connection
+    with Gallery(path, MODEL, D) as reopened:
+        assert [i.identity_id for i in reopened.list_identities()[0]] == ["kept", "later"]
+        assert len(reopened) == 2
 
 
 def test_concurrent_enrolments_and_searches(tmp_path: Path) -> None:

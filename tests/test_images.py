@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from service.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from service.images import decode_image, probe_image
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +168,51 @@ def test_16_bit_rgba_png(photo: np.ndarray) -> None:
     rgba16 = np.dstack([photo[:, :, ::-1], alpha]).astype(np.uint16) * 257
     image = decode_image(write_png(rgba16, color_type=6, bit_depth=16), **LIMITS)
     np.testing.assert_array_equal(image, photo)
+
+
+MEASURE_DECODE = """
+import re, sys
+from service.images import decode_image
+
+def peak_rss() -> int:
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the process that spawned this
+    # one, so under a large pytest process it would start above anything measured here.
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmHWM:\\s+(\\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
+
+data = open(sys.argv[1], "rb").read()
+decode_image(open(sys.argv[2], "rb").read(), max_bytes=1 << 30, max_pixels=10**9)  # codecs loaded, warmed up
+before = peak_rss()
+image = decode_image(data, max_bytes=1 << 30, max_pixels=10**9)
+print(peak_rss() - before, int(image[0, 0, 0]), int(image[0, 255, 0]))
+"""
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from Linux's /proc")
+def test_alpha_compositing_memory_is_bounded(tmp_path: Path, photo_bytes: bytes, bit_depth: int) -> None:
+    """A large RGBA PNG compresses to almost nothing but must be composited: whole-image float32 arithmetic
+    took ~42 bytes per pixel (1.7 GB for 40 MP at 8 bits, 2 GB at 16, against a 1 GiB container). OpenCV's
+    own decode needs about twice the decoded RGBA array; compositing must add nothing to that peak."""
+    h, w = 2000, 4000  # 8 MP: big enough to measure, cheap enough to build
+    rgba = np.empty((h, w, 4), np.uint8)
+    rgba[:] = (40, 90, 160, 0)
+    rgba[:, :, 3] = (np.arange(w) % 256).astype(np.uint8)  # every alpha level: real compositing work
+    if bit_depth == 16:
+        rgba = rgba.astype(np.uint16) * 257
+    (tmp_path / "big.png").write_bytes(encode(".png", rgba))
+    (tmp_path / "warm.jpg").write_bytes(photo_bytes)
+    decoded_bytes = rgba.nbytes
+    del rgba
+    child = subprocess.run(
+        [sys.executable, "-c", MEASURE_DECODE, str(tmp_path / "big.png"), str(tmp_path / "warm.jpg")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    peak, transparent, opaque = map(int, child.stdout.split())
+    assert (transparent, opaque) == (255, 40)  # alpha 0: white; alpha 255: the colour (blue channel)
+    message = f"decoding added {peak / 2**20:.0f} MiB for a {decoded_bytes / 2**20:.0f} MiB array"
+    assert peak < 2.5 * decoded_bytes, message
 
 
 @pytest.mark.parametrize(

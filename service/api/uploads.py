@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -155,7 +154,12 @@ async def read_request(
     elif content_type == "application/json" or content_type.endswith("+json"):
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            # The C parser recurses once per level: `[[[[...` a few thousand deep exhausts the stack limit.
+            raise InvalidParameter("the JSON body is nested too deeply") from None
+        except ValueError as exc:
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is the refusal to convert an
+            # integer of more than sys.get_int_max_str_digits() digits (a quadratic-time guard of Python's).
             raise InvalidParameter(f"the JSON body does not parse: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidParameter("the JSON body must be an object")
