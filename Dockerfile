@@ -6,7 +6,7 @@
 # Two stages. `build` has the CPU PyTorch, the exporter and npm, and produces the default ONNX models through
 # the project's own export path (`python -m export defaults`), with its parity checks. The runtime stage has only
 # the serving dependencies (`.[serve]`: ONNX Runtime, FastAPI; no torch, no Node.js) and the two ONNX files.
-# See docs/docker.md.
+# See README.md, "Docker".
 
 # The base image, for both stages. A build argument so that a check without registry access can point it at a
 # local stand-in (scripts/check-container.sh tags one with exactly this name).

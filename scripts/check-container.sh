@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the project's real Dockerfile and proves the image serves real requests, on a machine with no Docker
-# engine and no container registry (see docs/docker.md, "How the image is checked").
+# engine and no container registry (see README.md, "How the image is checked").
 #
 #   scripts/check-container.sh                       # from the repository root or anywhere
 #   scripts/check-container.sh FACE_INTRA_OP_THREADS=1  # NAME=VALUE: extra environment for the server

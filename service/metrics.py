@@ -59,6 +59,15 @@ class Metrics:
         self.gallery_faces = Gauge(
             "face_gallery_faces", "Faces in the gallery made by the loaded embedder.", registry=self.registry
         )
+        self.pixels_in_flight = Gauge(
+            "face_pixels_in_flight",
+            "Decoded-image pixels reserved by requests in progress (FACE_MAX_PIXELS_IN_FLIGHT bounds it).",
+            registry=self.registry,
+        )
+        self.requests_waiting = Gauge(
+            "face_requests_waiting", "Requests queued for image memory (service/admission.py).",
+            registry=self.registry,
+        )
         for stage in STAGES:  # export every stage from the start, so dashboards see zeros, not gaps
             self.stage_latency.labels(stage)
 

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
         40_000_000, ge=64 * 64, description="Largest accepted decoded image (width x height): bomb guard."
     )
     max_enroll_images: int = Field(10, ge=1, le=100, description="Most images one enrolment request carries.")
+    max_pixels_in_flight: int | None = Field(
+        None,
+        ge=64 * 64,
+        description="Decoded pixels all requests together may hold at once; more wait their turn (service/"
+        "admission.py). Default: 2 x max_image_pixels, so that a /verify of two largest images still runs.",
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for that budget before a 503 `busy` answer, in seconds."
+    )
 
     # --- gallery ------------------------------------------------------------------------------------
     gallery_path: Path = Field(Path("data/gallery.db"), description="SQLite file of enrolled identities.")
@@ -119,6 +128,12 @@ class Settings(BaseSettings):
         if value not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"unknown log level {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _size_pixel_budget(self) -> Settings:
+        if self.max_pixels_in_flight is None:
+            self.max_pixels_in_flight = 2 * self.max_image_pixels
+        return self
 
     @model_validator(mode="after")
     def _size_thread_pools(self) -> Settings:

@@ -208,3 +208,47 @@ def test_dockerfile_runtime_stage_matches_compose(service):
     assert re.search(rf'^VOLUME \["{Path(env["FACE_GALLERY_PATH"]).parent}"\]', runtime, re.MULTILINE)
     assert re.search(rf"^EXPOSE {env['PORT']}$", runtime, re.MULTILINE)
     assert re.search(r'^CMD \["python", "-m", "service"\]$', runtime, re.MULTILINE)
+
+
+def _readme_docker_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Docker\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_docker_section_matches_the_files(service):
+    """The README's Docker section is what users follow: its tables must name what the files really do."""
+    section = _readme_docker_section()
+    compose_table = section[section.index("| variable | default in the compose file |") :]
+    compose_table = compose_table[: compose_table.index("\n\n")]
+    documented = set(re.findall(r"`(FACE_[A-Z_]+)`", compose_table))
+    raw = service["environment"]
+    # What a user sets (${NAME:-default}) belongs in the table; fixed values (the image's layout) in the section.
+    settable = {name for name, value in raw.items() if "${" in str(value)}
+    assert settable - documented == set(), "settable in docker-compose.yml but not in the README's table"
+    assert {name for name in raw if name not in section} == set(), "set in docker-compose.yml, not in the README"
+    # Commented-out examples in the compose file (thresholds) and the compose-only host port may be documented too.
+    compose_text = COMPOSE_FILE.read_text()
+    assert {name for name in documented if name not in compose_text} == set(), "documented but not in the file"
+    for name, value in _environment(service).items():
+        if name not in settable:
+            continue
+        row = next(line for line in compose_table.splitlines() if f"`{name}`" in line)
+        default = value.strip()
+        if default and default not in ("false", "info"):
+            assert default in row.replace(",", "") or f"{int(default) / 2**20:g} MiB" in row, (name, default, row)
+
+    # Build arguments documented are the Dockerfile's, with its defaults.
+    dockerfile = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=?(.*)$", dockerfile, re.MULTILINE))
+    for name, default in args.items():
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{name}`")), None)
+        assert row is not None, f"build argument {name} is not in the README"
+        if default:
+            assert f"`{default}`" in row, (name, default, row)
+    # What the runtime stage sets, as the README states it.
+    for fact in ("uid/gid 10001", "/data", "FACE_GALLERY_PATH=/data/gallery.db", "HEALTHCHECK", 'CMD ["python", "-m", "service"]'):
+        assert fact in section, fact
+    assert 'CMD ["python", "-m", "service"]' in dockerfile and "--gid 10001" in dockerfile and "--uid 10001" in dockerfile
+    limits = service["deploy"]["resources"]["limits"]
+    assert f"{limits['cpus']} CPUs, {limits['memory'].upper().rstrip('B').replace('G', ' GiB')}" in section

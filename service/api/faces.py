@@ -50,9 +50,10 @@ async def detect(request: Request, runtime: RuntimeDep) -> DetectResponse:
         request, DetectOptions, images=("image",), required=("image",),
         max_image_bytes=runtime.settings.max_image_bytes,
     )
-    image = await runtime.decode(body.one("image"))
-    faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
-    return DetectResponse(image=image_info(image), faces=[face_model(f) for f in faces])
+    async with runtime.admitted(body.one("image")):
+        image = await runtime.decode(body.one("image"))
+        faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
+        return DetectResponse(image=image_info(image), faces=[face_model(f) for f in faces])
 
 
 async def _chosen_face(
@@ -121,7 +122,8 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
         jobs.append(_chosen_face(runtime, second, options, options.face2))
     # Both images in flight at once (they overlap when FACE_INFERENCE_WORKERS > 1); errors are raised in
     # image order, so a request with two bad images always reports image1.
-    results = await asyncio.gather(*jobs, return_exceptions=True)
+    async with runtime.admitted(body.one("image1"), second):
+        results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -162,13 +164,16 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
     )
     options = body.options
     threshold = runtime.threshold if options.threshold is None else options.threshold
-    image = await runtime.decode(body.one("image"))
-    faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
+    async with runtime.admitted(body.one("image")):
+        image = await runtime.decode(body.one("image"))
+        info = image_info(image)
+        faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
+        del image  # the search below needs only the embeddings
     results = []
     if faces:
         results = await runtime.search(np.stack([f.embedding for f in faces]), options.top_k, threshold)
     return IdentifyResponse(
-        image=image_info(image),
+        image=info,
         threshold=threshold,
         faces=[
             IdentifiedFace(

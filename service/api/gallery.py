@@ -45,6 +45,11 @@ def _time(unix_seconds: float) -> datetime:
 
 
 async def _enrollable_face(runtime: Runtime, upload: ImageUpload, options: EnrollOptions) -> Face:
+    async with runtime.admitted(upload):  # one image at a time: an enrolment holds one decoded image
+        return await _largest_enrollable_face(runtime, upload, options)
+
+
+async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, options: EnrollOptions) -> Face:
     image = await runtime.decode(upload)
     faces = await runtime.faces(image, options, embed=False)
     if not faces:

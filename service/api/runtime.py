@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Any, TypeVar
@@ -18,12 +19,13 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request
 
+from service.admission import PixelBudget
 from service.api.uploads import ImageUpload
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.errors import FaceServiceError
 from service.gallery import Gallery
-from service.images import decode_image
+from service.images import decode_image, probe_image
 from service.metrics import Metrics
 from service.onnx_model import session_options
 from service.pipeline import Face, Pipeline
@@ -60,6 +62,9 @@ class Runtime:
         self.gallery = gallery
         self._inference = inference_pool
         self._gallery = gallery_pool
+        self.admission = PixelBudget(settings.max_pixels_in_flight, settings.queue_timeout_s)
+        metrics.pixels_in_flight.set_function(lambda: self.admission.in_use)
+        metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         if settings.match_threshold is not None:
             self.threshold, self.threshold_source = float(settings.match_threshold), "settings"
         else:
@@ -119,6 +124,21 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(self._gallery, partial(fn, *args, **kwargs))
 
     # --- pipeline stages ----------------------------------------------------------------------------
+    @asynccontextmanager
+    async def admitted(self, *uploads: ImageUpload | None) -> AsyncIterator[None]:
+        """Hold these images' pixel count (from their headers) against the in-flight budget while the block
+        runs: what keeps many concurrent large uploads from exhausting memory. Decode them inside the block.
+        An image whose header cannot be read counts zero; its decode fails with the precise error."""
+        pixels = 0
+        for upload in uploads:
+            if upload is not None:
+                try:
+                    pixels += probe_image(upload.data).pixels
+                except FaceServiceError:
+                    pass
+        async with self.admission.reserve(pixels):
+            yield
+
     async def decode(self, upload: ImageUpload) -> np.ndarray:
         """Bytes -> BGR image; an error says which upload it was about (field, index, filename)."""
         try:
