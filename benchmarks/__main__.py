@@ -277,10 +277,10 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
             "",
             f"Descriptor per face: {f(peer_result['descriptor_ms'])} ms.",
             "",
-            "Ratio of our time to face_recognition's for the same frames (below 1: we are faster). Not the same "
-            "arithmetic at every size: our detector shrinks a frame to 640 px on the long side before the "
-            "network (its file's `max_side`, what it was trained for), while HOG scans the frame at full size "
-            "(upsampled once), so above 640x480 the ratio compares the two tools as each is used, not equal work.",
+            ("Ratio of our time to face_recognition's for the same frames (below 1: we are faster). Not the same "
+             "arithmetic at every size: our detector shrinks a frame to 640 px on the long side before the "
+             "network (its file's `max_side`, what it was trained for), while HOG scans the frame at full size "
+             "(upsampled once), so above 640x480 the ratio compares the two tools as each is used, not equal work."),
             "",
             *table(["what", "ours ms", "face_recognition ms", "ratio ours/theirs", "speed-up"],
                    [[name, f(mine), f(theirs), f(mine / theirs, ".3f"), f(theirs / mine, ".0f") + "x"]

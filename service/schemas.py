@@ -119,7 +119,8 @@ class EnrollOptions(DetectionOptions):
         if value is None:
             return None
         if not isinstance(value, dict):
-            raise ValueError("metadata must be a JSON object")
+            # ValueError, not TypeError: pydantic turns only ValueError/AssertionError into a 422.
+            raise ValueError("metadata must be a JSON object")  # noqa: TRY004
         # Depth first: the size check below encodes the value, recursively.
         if json_depth_exceeds(value, MAX_METADATA_DEPTH):
             raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
