@@ -166,6 +166,12 @@ def test_unknown_routes_and_methods_keep_the_error_shape(client):
     _assert_error(client.get("/no/such/path"), 404, "not_found")
     _assert_error(client.get("/detect"), 405, "method_not_allowed")
     _assert_error(client.post("/identities"), 405, "method_not_allowed")
+    # Allow names every method of the path, also when they live on separate routes (GET and DELETE here).
+    assert client.get("/detect").headers["Allow"] == "POST"
+    answer = client.request("OPTIONS", "/identities/alice.smith")
+    _assert_error(answer, 405, "method_not_allowed")
+    assert set(answer.headers["Allow"].split(", ")) == {"GET", "DELETE"}
+    assert set(client.put("/identities/alice/faces/0123456789abcdef").headers["Allow"].split(", ")) == {"DELETE"}
 
 
 def test_no_error_leaves_as_a_500(client, faces_dir):

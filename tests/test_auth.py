@@ -71,6 +71,21 @@ def test_docs_with_a_key(client):
         assert page.status_code == 200 and "/openapi.json" in page.text
 
 
+def test_the_document_asks_for_a_key_only_when_one_is_needed(client, models_dir, tmp_path):
+    spec = client.get("/openapi.json", headers={"X-API-Key": API_KEY}).json()
+    detect = spec["paths"]["/detect"]["post"]
+    assert set(spec["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+    assert detect["security"] and "401" in detect["responses"]
+    assert "security" not in spec["paths"]["/health"]["get"]  # open even with keys
+    with api_client(models_dir, tmp_path) as open_api:  # no FACE_API_KEYS: nothing asks for a key
+        spec = open_api.get("/openapi.json").json()
+        assert "securitySchemes" not in spec.get("components", {})
+        for path, operations in spec["paths"].items():
+            for method, operation in operations.items():
+                assert "security" not in operation and "401" not in operation["responses"], (method, path)
+        assert open_api.post("/detect", files={"image": ("x.bin", b"not an image")}).status_code == 400
+
+
 def test_public_docs_setting_opens_the_docs_and_nothing_else(models_dir, tmp_path):
     with api_client(models_dir, tmp_path, api_keys=API_KEY, public_docs=True) as public:
         spec = public.get("/openapi.json")
