@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from export.core import (
+    ROOT,
     ExportError,
     ExportReport,
     cache_dir,
@@ -44,7 +45,6 @@ from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = cache_dir()
 DEFAULT_FILE_NAME = "mobilefacenet_192.onnx"
 

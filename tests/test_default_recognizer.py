@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from evaluate.pairs import central  # LFW photos are centred on their subject
 from evaluate.verification import (
     accuracy_at,
     best_threshold,
@@ -24,7 +25,7 @@ from evaluate.verification import (
     summarise,
 )
 from export import mobilefacenet as mfn
-from service.pipeline import Face, Pipeline, largest
+from service.pipeline import Pipeline, largest
 
 THRESHOLD_TOLERANCE = 0.02
 TIMED_FACES = 100  # crops timed one by one for the mirror-averaging cost (a figure, never asserted)  # re-measured best-accuracy threshold vs the pinned one (cosine units)
@@ -42,17 +43,6 @@ def pipeline(models_dir: Path) -> Pipeline:
     embedder = Embedder(paths[1])  # flip follows the file's face.embedder.flip
     assert embedder.flip is mfn.FLIP
     return Pipeline(RetinaFaceDetector(paths[0]), embedder)
-
-
-def nearest_centre(faces: list[Face], shape: tuple[int, ...]) -> Face | None:
-    """LFW photos are centred on their subject; other people in the frame can be larger."""
-    cy, cx = shape[0] / 2, shape[1] / 2
-
-    def distance(face: Face) -> float:
-        x1, y1, x2, y2 = face.box
-        return float(((x1 + x2) / 2 - cx) ** 2 + ((y1 + y2) / 2 - cy) ** 2)
-
-    return min(faces, key=distance, default=None)
 
 
 @dataclass
@@ -154,7 +144,7 @@ class LfwScores:
 
 def lfw_scores(pipeline: Pipeline, pairs, label: str) -> LfwScores:
     paths = [p.a for p in pairs] + [p.b for p in pairs]
-    embedded = embed_images(pipeline, paths, nearest_centre)
+    embedded = embed_images(pipeline, paths, central)
     other = embedded.without_flip if mfn.FLIP else embedded.with_flip
     return LfwScores(
         scores=pair_scores(pairs, embedded.served),

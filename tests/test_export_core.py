@@ -267,15 +267,16 @@ class PooledEmbedder(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-def _set_metadata(path: Path, **changes: str) -> None:
-    """Rewrite some metadata_props of an ONNX file in place (what another exporter version would have written)."""
+def _set_metadata(path: Path, out: Path | None = None, drop: tuple[str, ...] = (), **changes: str) -> None:
+    """Rewrite some metadata_props of an ONNX file (what another exporter version would have written), in place
+    or into `out`; keys in `drop` are removed."""
     proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
+    props = {p.key: p.value for p in proto.metadata_props if p.key not in drop}
     props.update(changes)
     del proto.metadata_props[:]
     for key, value in sorted(props.items()):
         proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
+    onnx.save(proto, str(out or path))
 
 
 def test_defaults_keeps_an_up_to_date_file_and_rebuilds_a_stale_one(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -305,11 +306,7 @@ def test_defaults_keeps_an_up_to_date_file_and_rebuilds_a_stale_one(tmp_path: Pa
     shutil.copy(recognizer_file, stale / recognizer.file_name)
     _set_metadata(stale / recognizer.file_name, **{"face.exporter": "facerec-export 0.0.1 (torch 1.0, opset 11)"})
     assert defaults.stale_keys(stale / recognizer.file_name, recognizer) == ["face.exporter"]
-    proto = onnx.load(str(recognizer_file))
-    kept = [p for p in proto.metadata_props if p.key != "face.embedder.far"]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    onnx.save(proto, str(stale / recognizer.file_name))
+    _set_metadata(recognizer_file, out=stale / recognizer.file_name, drop=("face.embedder.far",))
     assert defaults.stale_keys(stale / recognizer.file_name, recognizer) == ["face.embedder.far"]
     # Built from other weights, or not a model at all.
     export_onnx(TinyEmbedder(), torch.randn(1, 3, 32, 32), stale / "other.onnx", _embedder_meta(), ["embedding"])
