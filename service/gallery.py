@@ -167,6 +167,9 @@ class Gallery:
         self._code_identity: list[str] = []
         self._row_face: list[str] = []
         self._face_row: dict[str, int] = {}
+        # Faces per identity code, so that the number of searchable identities (what a 1:N decision must count)
+        # is known without a pass over the matrix.
+        self._code_faces: dict[int, int] = {}
         cursor = self._db.execute(
             "SELECT face_id, identity_id, embedding FROM faces WHERE model_sha256 = ? ORDER BY rowid",
             (self.model_sha256,),
@@ -183,7 +186,8 @@ class Gallery:
             blobs = b"".join(blob for _, _, blob in batch)
             self._matrix[row : row + len(batch)] = np.frombuffer(blobs, dtype="<f4").reshape(-1, d)
             for face_id, identity_id, _ in batch:
-                self._row_identity[row] = self._code(identity_id)
+                self._row_identity[row] = code = self._code(identity_id)
+                self._code_faces[code] = self._code_faces.get(code, 0) + 1
                 self._row_face.append(face_id)
                 self._face_row[face_id] = row
                 row += 1
@@ -217,7 +221,9 @@ class Gallery:
             self._matrix, self._row_identity = matrix, codes
         rows = slice(self._n, self._n + k)
         self._matrix[rows] = embeddings
-        self._row_identity[rows] = self._code(identity_id)
+        code = self._code(identity_id)
+        self._row_identity[rows] = code
+        self._code_faces[code] = self._code_faces.get(code, 0) + k
         for i, face_id in enumerate(face_ids):
             self._face_row[face_id] = self._n + i
             self._row_face.append(face_id)
@@ -230,6 +236,11 @@ class Gallery:
         for row in rows:
             last = self._n - 1
             removed = self._row_face[row]
+            code = int(self._row_identity[row])
+            if self._code_faces[code] == 1:
+                del self._code_faces[code]
+            else:
+                self._code_faces[code] -= 1
             if row != last:
                 moved = self._row_face[last]
                 self._matrix[row] = self._matrix[last]
@@ -436,6 +447,12 @@ class Gallery:
         """Faces searchable with the current model."""
         with self._lock:
             return self._n
+
+    def count_searchable_identities(self) -> int:
+        """Identities with at least one face of the current model: how many a search compares a probe with,
+        which is what sets the chance of naming a stranger (the 1:N decision policy needs it)."""
+        with self._lock:
+            return len(self._code_faces)
 
     def __len__(self) -> int:
         return self.count_faces()

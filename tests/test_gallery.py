@@ -106,6 +106,10 @@ def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, tmp_path: P
         gallery.delete_face(person, face_id)
         del enrolled[person][face_id]
     assert len(gallery) == sum(len(f) for f in enrolled.values())
+    # person-000 and person-005 may have lost their only face: they stay identities, but are not searched.
+    searchable = sum(1 for f in enrolled.values() if f)
+    assert gallery.count_searchable_identities() == searchable
+    assert gallery.count_identities() == 17
     queries = rng.normal(size=(10, D))
     for query, matches in zip(queries, gallery.search(queries, top_k=10)):
         assert_same(matches, brute_force(enrolled, query, 10))
@@ -121,6 +125,7 @@ def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, tmp_path: P
     gallery.close()
     with Gallery(tmp_path / "gallery.db", MODEL, D) as reopened:
         assert len(reopened) == sum(len(f) for f in enrolled.values())
+        assert reopened.count_searchable_identities() == searchable
         for query, matches in zip(queries, reopened.search(queries, top_k=10)):
             assert_same(matches, brute_force(enrolled, query, 10))
 
@@ -181,12 +186,14 @@ def test_other_models_embeddings_are_never_compared(tmp_path: Path) -> None:
         old.enroll("bob", old_faces[3:])
     with Gallery(path, MODEL, D) as g:
         assert len(g) == 0 and g.count_foreign() == 4 and g.count_identities() == 2
+        assert g.count_searchable_identities() == 0  # foreign faces are never searched, so never counted
         assert g.search(old_faces, top_k=5) == [[], [], [], []]
         g.enroll("alice", unit(rng.normal(size=(1, D))))
         alice = g.get_identity("alice")
         assert (alice.face_count, alice.foreign_face_count) == (1, 3)
         assert [not f.current_model for f in alice.faces].count(True) == 3
         assert [m.identity_id for m in g.search(old_faces[0], top_k=5)[0]] == ["alice"]  # only the new face
+        assert g.count_searchable_identities() == 1
     with Gallery(path, OTHER_MODEL, D) as old:  # rolling back to the old model finds its faces again
         assert len(old) == 4 and old.count_foreign() == 1
 
