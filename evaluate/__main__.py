@@ -139,7 +139,7 @@ def cmd_identify(args) -> int:
         f"share of different-person pairs with cosine >= t, over every pair of {people.photos} photos of "
         f"{len(people.names)} people in {Path(args.people).resolve().parent.name}/{Path(args.people).name}, served "
         f"pipeline: RetinaFace landmarks ({args.face} face), {embedder.template.shape[0]}-point alignment, "
-        f"{settings.embedder_path.name} (sha256 {embedder.sha256[:12]}), mirror averaging "
+        f"{settings.embedder_path.name} (sha256 {embedder.sha256[:12]} when measured), mirror averaging "
         f"{'on' if embedder.flip else 'off'}; points every 0.01 backed by at least 10 pairs"
     )
     report = evaluate_open_set(people, sizes=sizes, repeats=args.repeats, seed=args.seed,
