@@ -144,7 +144,8 @@ def cmd_identify(args) -> int:
     )
     report = evaluate_open_set(people, sizes=sizes, repeats=args.repeats, seed=args.seed,
                                policy=IdentifyPolicy(None, args.target_fpir, verify_threshold),
-                               table_rule=rule, target_fpir=args.target_fpir)
+                               table_rule=rule, target_fpir=args.target_fpir, per_person=args.per_person,
+                               template=args.template)
     folder = Path(args.people).resolve()
     title = f"{folder.parent.name}/{folder.name}: {settings.embedder_path.name}"
     plot_det(report, args.out / "det.png", f"DET, {title}")
@@ -156,6 +157,8 @@ def cmd_identify(args) -> int:
         "embedder": str(settings.embedder_path),
         "embedder_sha256": embedder.sha256,
         "face_choice": args.face,
+        "per_person": args.per_person,
+        "template": args.template,
         "verify_threshold": verify_threshold,
         "target_fpir": args.target_fpir,
         "people": report.people,
@@ -289,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="gallery sizes to measure, comma-separated; `all` = everyone with two or more photos")
     ident.add_argument("--repeats", type=int, default=5, help="random draws per gallery size below the largest")
     ident.add_argument("--seed", type=int, default=0)
+    ident.add_argument("--per-person", type=int, default=1,
+                       help="photos enrolled per person (at most; one is always left as a probe)")
+    ident.add_argument("--template", choices=("mean", "best", "both"), default="mean",
+                       help="how an identity with several photos is scored: mean (the service's template, the "
+                            "normalised mean embedding), best (its best photo), both (the larger)")
     ident.add_argument("--target-fpir", type=float, default=0.01,
                        help="the FPIR the replayed threshold policy aims at (FACE_IDENTIFY_FPIR)")
     ident.add_argument("--threshold", type=float,

@@ -74,7 +74,8 @@ def _rates(outcome: SearchScores) -> dict:
 
 
 def evaluate_open_set(people: People, *, sizes: list[int], repeats: int, seed: int, policy: IdentifyPolicy,
-                      table_rule: str, target_fpir: float, cohort_people: int = 300) -> OpenSetReport:
+                      table_rule: str, target_fpir: float, per_person: int = 1, template: str = "mean",
+                      cohort_people: int = 300) -> OpenSetReport:
     x, labels = people.embeddings, people.labels
     similarity = x @ x.T
     counts = np.bincount(labels, minlength=len(people.names))
@@ -87,7 +88,10 @@ def evaluate_open_set(people: People, *, sizes: list[int], repeats: int, seed: i
     rng = np.random.default_rng(seed)
     for n in sorted({min(s, candidates) for s in sizes}):
         draws = 1 if n == candidates else repeats
-        outcome = pooled([run_search(similarity, x, labels, open_set_split(labels, n, rng)) for _ in range(draws)])
+        outcome = pooled([
+            run_search(similarity, x, labels, open_set_split(labels, n, rng, per_person=per_person), template)
+            for _ in range(draws)
+        ])
         report.outcomes[n] = outcome
         row = {"draws": draws, **_rates(outcome)}
         decided = policy.decide(n)
