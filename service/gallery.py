@@ -174,9 +174,8 @@ class Gallery:
         self._row_of: dict[str, int] = {}
         self._row_ids: list[str] = []
         self._faces = 0
-        # Streamed in batches: a million rows as Python bytes objects would need another gigabyte. Summed in
-        # float64, stored in float32.
-        sums = np.zeros((len(self._sums), d), dtype=np.float64)
+        # Streamed in batches straight into the sums: a million rows as Python bytes objects, or a float64 copy of
+        # the matrix, would each need another gigabyte or more.
         cursor = self._db.execute(
             "SELECT face_id, identity_id, embedding FROM faces WHERE model_sha256 = ? ORDER BY rowid",
             (self.model_sha256,),
@@ -191,12 +190,12 @@ class Gallery:
                 )
             vectors = np.frombuffer(b"".join(blob for _, _, blob in batch), dtype="<f4").reshape(-1, d)
             rows = np.fromiter((self._row(identity_id) for _, identity_id, _ in batch), np.int64, len(batch))
-            np.add.at(sums, rows, vectors)
+            np.add.at(self._sums, rows, vectors)
             np.add.at(self._counts, rows, 1)
             self._faces += len(batch)
         n = len(self._row_ids)
-        self._sums[:n] = sums[:n]
-        self._norms[:n] = np.linalg.norm(sums[:n], axis=1)
+        # einsum, not linalg.norm: the latter squares the whole matrix into a temporary as large as itself.
+        self._norms[:n] = np.sqrt(np.einsum("ij,ij->i", self._sums[:n], self._sums[:n]))
         log.info(
             "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded in %.2f s "
             "(%d faces of other models)",
@@ -534,9 +533,13 @@ class Gallery:
     def _top(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
         """Top identities for one query's template scores. With a threshold, only the (usually few) rows above
         it are candidates: one comparison pass, much cheaper than a partition of the whole gallery."""
-        rows = np.flatnonzero(scores >= threshold) if threshold is not None else np.arange(len(scores))
-        if len(rows) > top_k:
-            rows = rows[np.argpartition(scores[rows], len(rows) - top_k)[len(rows) - top_k :]]
+        if threshold is None:
+            rows = np.argpartition(scores, len(scores) - top_k)[len(scores) - top_k :] if len(scores) > top_k else None
+            rows = np.arange(len(scores)) if rows is None else rows
+        else:
+            rows = np.flatnonzero(scores >= threshold)
+            if len(rows) > top_k:
+                rows = rows[np.argpartition(scores[rows], len(rows) - top_k)[len(rows) - top_k :]]
         rows = rows[np.argsort(-scores[rows], kind="stable")]
         return [
             Match(
