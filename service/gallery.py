@@ -6,7 +6,7 @@ process being killed (kill -9: the committed frames are in the OS page cache), b
 on power loss or a kernel crash; FULL fsyncs the WAL at every commit, so an acknowledged enrolment survives
 those too. Enrolments are rare human-scale events, so one fsync (milliseconds) each is cheap.
 
-Erasure. Deleting an identity removes its rows, its embeddings from the search matrix, and, because
+Erasure. Deleting an identity removes its rows, its template from the search matrix, and, because
 biometric data must really go, `secure_delete` overwrites the freed database pages with zeros and a WAL
 checkpoint (TRUNCATE) drops old copies of those pages from the write-ahead log.
 

@@ -193,7 +193,7 @@ class VerifyResponse(BaseModel):
 
 class IdentityMatch(BaseModel):
     identity_id: str
-    similarity: float = Field(description="Best cosine similarity over the identity's enrolled faces.")
+    similarity: float = Field(description="Cosine similarity to the identity's template (the normalised mean of its faces).")
     display_name: str | None = None
 
 

@@ -99,7 +99,7 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
     summary="Are two faces the same person?",
     description=(
         "Compares the largest face (or the face chosen with `face1`/`face2`, in /detect order) of `image1` "
-        "with that of `image2`, or with the enrolled identity `identity_id` (its best-matching face). "
+        "with that of `image2`, or with the enrolled identity `identity_id` (its template: the normalised mean of its faces). "
         "`match` is `similarity >= threshold`. An image without a face is 422 `no_face`, naming the image."
     ),
     responses=error_responses(404, 409),
