@@ -193,7 +193,10 @@ class VerifyResponse(BaseModel):
 
 class IdentityMatch(BaseModel):
     identity_id: str
-    similarity: float = Field(description="Cosine similarity to the identity's template (the normalised mean of its faces).")
+    similarity: float = Field(
+        description="Cosine similarity to the identity's template (the normalised mean of its faces)."
+    )
+    faces: int = Field(description="How many enrolled faces the template averages.")
     display_name: str | None = None
 
 

@@ -183,7 +183,9 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
             IdentifiedFace(
                 **face_model(face).model_dump(),
                 matches=[
-                    IdentityMatch(identity_id=m.identity_id, similarity=m.similarity, display_name=m.display_name)
+                    IdentityMatch(
+                        identity_id=m.identity_id, similarity=m.similarity, faces=m.faces, display_name=m.display_name
+                    )
                     for m in matches
                 ],
             )
