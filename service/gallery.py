@@ -135,7 +135,11 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
 
 
 class Gallery:
-    def __init__(self, path: str | Path, model_sha256: str, embedding_size: int):
+    def __init__(self, path: str | Path, model_sha256: str, embedding_size: int, *,
+                 earlier_ids: Sequence[str] = ()):
+        """model_sha256: the embedder's model id (service.onnx_model.model_identity). earlier_ids: ids the same
+        network's faces were tagged with before (older releases keyed them by the whole file's sha256); such
+        faces are re-tagged as this model's when the gallery opens."""
         if not model_sha256:
             raise ValueError("model_sha256 is required: it keeps embeddings of different models apart")
         self.path = Path(path)
@@ -154,12 +158,28 @@ class Gallery:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        self._retag(earlier_ids)
         self._load()
 
     # -- in-memory index -------------------------------------------------------------------------------------
     # One row per searchable identity: the sum of its current-model face embeddings (`_sums`), that sum's length
     # (`_norms`) and its face count. The identity's template is sum / norm, so a query's similarity to it is
     # (q . sum) / norm: one matrix product over identities, not faces.
+
+    def _retag(self, earlier_ids: Sequence[str]) -> None:
+        others = sorted({s for s in earlier_ids if s and s != self.model_sha256})
+        if not others:
+            return
+        with self._transaction() as db:
+            moved = db.execute(
+                f"UPDATE faces SET model_sha256 = ? WHERE model_sha256 IN ({','.join('?' * len(others))})",
+                (self.model_sha256, *others),
+            ).rowcount
+        if moved:
+            log.warning(
+                "gallery %s: %d faces tagged with an earlier id of this same network (%s) re-tagged as model %s",
+                self.path, moved, ", ".join(s[:12] for s in others), self.model_sha256[:12],
+            )
 
     def _load(self) -> None:
         started = time.perf_counter()

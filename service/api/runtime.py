@@ -74,7 +74,7 @@ class Runtime:
         self.identify_policy = IdentifyPolicy(
             self.embedder.far_table, settings.identify_fpir, self.threshold, settings.identify_threshold
         )
-        self.identify_warning: str | None = None
+        self.identify_warning: str | None = getattr(self.embedder, "far_table_warning", None)
         if settings.identify_threshold is None and self.embedder.far_table is None:
             self.identify_warning = (
                 f"{settings.embedder_path.name} carries no face.embedder.far_table: /identify uses the 1:1 "
@@ -105,7 +105,8 @@ class Runtime:
             settings.gallery_path.parent.mkdir(parents=True, exist_ok=True)
             gallery = await loop.run_in_executor(
                 gallery_pool,
-                partial(Gallery, settings.gallery_path, embedder.sha256, embedder.embedding_size),
+                partial(Gallery, settings.gallery_path, embedder.model_id, embedder.embedding_size,
+                        earlier_ids=embedder.earlier_ids),
             )
         except BaseException:
             inference_pool.shutdown(wait=False, cancel_futures=True)
