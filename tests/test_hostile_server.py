@@ -3,6 +3,9 @@ bounded time, and the server process's memory (VmRSS now, VmHWM peak, from /proc
 
 from __future__ import annotations
 
+import base64
+import json
+import sqlite3
 import struct
 import time
 import zlib
@@ -10,10 +13,12 @@ from pathlib import Path
 
 import cv2
 import httpx
+import numpy as np
 import pytest
 from server_process import Server, running_server
 
 from service import image_structure
+from service.gallery import Gallery
 
 ANSWER_WITHIN_S = 2.0
 MEMORY_GROWTH_MB = 100.0
@@ -117,3 +122,73 @@ def test_half_a_jpeg_with_an_end_marker_is_refused(server: Server, faces_dir: Pa
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_image"
     assert "premature end of data" in response.json()["error"]["message"]
+
+
+# --- stored data is always servable ---------------------------------------------------------------------------
+
+
+def _enroll_json(server: Server, faces_dir: Path, **fields) -> httpx.Response:
+    image = base64.b64encode((faces_dir / "pairs" / "img25.jpg").read_bytes()).decode()
+    # json.dumps escapes a lone surrogate as \udfff, as an attacker's client would send it (httpx's own
+    # encoder cannot encode it at all).
+    body = json.dumps({"images": [image], **fields}).encode()
+    return httpx.post(server.url + "/enroll", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"metadata": {"note": "\udfff"}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"\ud800": 1}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"deep": [{"x": ["ok", "\udc00"]}]}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"note": "a\u0000b"}}, "NUL character"),
+        ({"display_name": "Ann\udfff"}, "unable to parse raw data as a unicode string"),  # pydantic's own
+        ({"display_name": "Ann\u0000"}, "NUL character"),
+        ({"metadata": json.dumps({"note": "\udfff"})}, "lone UTF-16 surrogate"),  # metadata as a JSON string
+    ],
+)
+def test_unencodable_text_is_refused_at_the_door(server: Server, faces_dir: Path, fields: dict, problem: str):
+    started = time.perf_counter()
+    response = _enroll_json(server, faces_dir, identity_id="poison", **fields)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_parameter"
+    assert problem in response.json()["error"]["message"]
+    assert elapsed < ANSWER_WITHIN_S
+    assert httpx.get(server.url + "/identities/poison").status_code == 404  # nothing was stored
+    assert httpx.get(server.url + "/identities").status_code == 200
+
+
+def test_the_same_text_sent_as_multipart_is_refused(server: Server, faces_dir: Path) -> None:
+    image = (faces_dir / "pairs" / "img25.jpg").read_bytes()
+    response = httpx.post(
+        server.url + "/enroll",
+        files={"images": ("a.jpg", image, "image/jpeg")},
+        data={"identity_id": "poison", "metadata": json.dumps({"note": "\udfff"})},
+        timeout=60,
+    )
+    assert response.status_code == 422 and "lone UTF-16 surrogate" in response.json()["error"]["message"]
+
+
+def test_rows_stored_before_the_check_are_found_at_start_and_still_served(
+    models_dir: Path, tmp_path: Path, faces_dir: Path
+) -> None:
+    # A gallery written by an older version, which stored metadata holding a lone surrogate (JSON escapes it,
+    # so the row is stored; every read that returned it answered 500).
+    path = tmp_path / "old.db"
+    with Gallery(path, "0" * 64, 4) as gallery:
+        gallery.enroll("clean", np.eye(1, 4, dtype=np.float32), display_name="Clean", metadata={"a": "b"})
+        gallery.enroll("poisoned", np.eye(1, 4, dtype=np.float32), display_name="P", metadata={"a": "b"})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE identities SET metadata = ? WHERE id = 'poisoned'",
+                   (json.dumps({"note": "\udfff", "emoji": "\U0001f600", "\ud800": 1}),))
+    with running_server(models_dir, tmp_path, FACE_GALLERY_PATH=str(path)) as server:
+        assert "1 identities hold text that is not valid Unicode" in server.log_text()
+        assert "poisoned" in server.log_text()
+        one = httpx.get(server.url + "/identities/poisoned")
+        assert one.status_code == 200, one.text
+        assert one.json()["metadata"] == {"note": "\ufffd", "emoji": "\U0001f600", "\ufffd": 1}
+        page = httpx.get(server.url + "/identities")
+        assert page.status_code == 200
+        assert [i["identity_id"] for i in page.json()["items"]] == ["clean", "poisoned"]
