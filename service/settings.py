@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         description="Decoded pixels all requests together may hold at once; more wait their turn (service/"
         "admission.py). Default: 2 x max_image_pixels, so that a /verify of two largest images still runs.",
     )
+    max_body_bytes_in_flight: int | None = Field(
+        None,
+        ge=64 * 1024,
+        description="Request-body bytes (images still encoded: base64 or multipart) all image requests together "
+        "may hold at once, reserved from Content-Length before the body is read; more wait their turn like "
+        "pixels do. Default: 6 x max_image_bytes. One request larger than this still runs, alone.",
+    )
     queue_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for that budget before a 503 `busy` answer, in seconds."
     )
@@ -133,6 +140,8 @@ class Settings(BaseSettings):
     def _size_pixel_budget(self) -> Settings:
         if self.max_pixels_in_flight is None:
             self.max_pixels_in_flight = 2 * self.max_image_pixels
+        if self.max_body_bytes_in_flight is None:
+            self.max_body_bytes_in_flight = 6 * self.max_image_bytes
         return self
 
     @model_validator(mode="after")
