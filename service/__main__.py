@@ -11,6 +11,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.http_protocol import guarded_protocol
 from service.settings import Settings
 
 # Blocks of this size and more get their own memory mapping, returned to the OS when freed.
@@ -52,6 +53,8 @@ def main() -> int:
         log_level=settings.log_level,
         # Bodies are bounded by BodyLimitMiddleware; keep-alive connections idle out quickly.
         timeout_keep_alive=5,
+        # h11 with a header timeout and JSON answers to malformed framing (service/http_protocol.py).
+        http=guarded_protocol(settings.header_timeout_s),
     )
     return 0
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import traceback
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,7 +28,7 @@ from service.api import faces, gallery, system
 from service.api.docs import docs_router
 from service.api.runtime import Runtime
 from service.api.uploads import body_limit
-from service.errors import FaceServiceError, ImageTooLarge
+from service.errors import FaceServiceError, ImageTooLarge, RequestTimeout
 from service.metrics import Metrics, MetricsMiddleware
 from service.schemas import ErrorResponse
 from service.settings import Settings
@@ -125,7 +127,45 @@ def _allowed_methods(request: Request) -> str:
         for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
         if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)
     ]
+    if "GET" in allowed and "HEAD" not in allowed:  # HeadMiddleware answers HEAD wherever GET is
+        allowed.insert(allowed.index("GET") + 1, "HEAD")
     return ", ".join(allowed)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    """The client closed the connection before sending its whole body: nothing went wrong here, and nobody is
+    left to answer. Logged at info; the status, 499 (nginx's "client closed request"), is what /metrics counts.
+    """
+    _drop_locals(exc)
+    log.info("%s %s: the client disconnected before its request body was complete", request.method,
+             request.url.path)
+    return error_response(499, "client_closed_request", "the client closed the connection")
+
+
+class HeadMiddleware:
+    """HEAD is answered wherever GET is (RFC 9110 asks it of every GET resource; load balancers and uptime
+    checkers send it): the request runs as GET and the response keeps its headers but sends no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        scope["method"] = "GET"  # in place: the router records the route in this scope, which metrics read
+        try:
+            await self.app(scope, receive, send_headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -147,12 +187,18 @@ class BodyLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, limits: dict[str, int], default_limit: int, budget: PixelBudget | None = None
+        self,
+        app: ASGIApp,
+        limits: dict[str, int],
+        default_limit: int,
+        budget: PixelBudget | None = None,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.limits = limits
         self.default_limit = default_limit
         self.budget = budget
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,12 +232,23 @@ class BodyLimitMiddleware:
     async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
 
         received = 0
+        body_done = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives wait for a disconnect, which may take any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except (TimeoutError, asyncio.TimeoutError):
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                    details={"received_bytes": received},
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise _too_large(limit)
             return message
@@ -254,6 +311,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # No 307 from /detect/ to /detect: Starlette builds that Location from the Host header, so any client
+        # could make the server redirect to a host of its choosing. A trailing slash is a 404 like any typo.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -269,6 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(FaceServiceError, _domain_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unhandled)
 
     one = body_limit(settings.max_image_bytes, 1)
@@ -280,8 +341,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     # Added last = outermost: metrics see every request, including those the body limit refuses.
     app.state.body_budget = PixelBudget(settings.max_body_bytes_in_flight, settings.queue_timeout_s)
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(
-        BodyLimitMiddleware, limits=limits, default_limit=SMALL_BODY_BYTES, budget=app.state.body_budget
+        BodyLimitMiddleware,
+        limits=limits,
+        default_limit=SMALL_BODY_BYTES,
+        budget=app.state.body_budget,
+        body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, static_paths=frozenset(limits))
     return app

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "port"))
     log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="Time a connection gets to send complete request headers (408 after)."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Time a request gets to send its whole body once its headers are in "
+        "(408 `request_timeout` after): a client trickling bytes cannot hold a connection, or bytes in flight."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
