@@ -219,6 +219,7 @@ def openapi_body(
     images: tuple[str, ...] = (),
     required: tuple[str, ...] = (),
     list_field: str | None = None,
+    exactly_one_of: tuple[str, ...] = (),
     description: str = "",
 ) -> dict[str, Any]:
     """`openapi_extra` documenting the two body encodings read_request accepts, built from the options model.
@@ -241,15 +242,24 @@ def openapi_body(
             props[list_field] = {"type": "array", "items": {**encoding}, "minItems": 1}
         return props
 
-    binary = {"type": "string", "format": "binary", "description": "An image file (JPEG, PNG, WebP, BMP)."}
-    base64_ = {"type": "string", "format": "byte", "description": "Base64 of an image file (data: URL allowed)."}
+    # What the handlers refuse, the document says: an empty image, a field it does not name (options models
+    # forbid extras), both or neither of two alternatives (/verify: image2 or identity_id).
+    binary = {"type": "string", "format": "binary", "minLength": 1,
+              "description": "An image file (JPEG, PNG, WebP, BMP)."}
+    base64_ = {"type": "string", "format": "byte", "minLength": 4,
+               "description": "Base64 of an image file (data: URL allowed)."}
+
+    def body_schema(properties: dict[str, Any]) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": "object", "properties": properties, "required": needed, "additionalProperties": False,
+        }
+        if exactly_one_of:
+            schema["oneOf"] = [{"required": [name]} for name in exactly_one_of]
+        return schema
+
     content: dict[str, Any] = {
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {**image_props(binary), **form_options}, "required": needed}
-        },
-        "application/json": {
-            "schema": {"type": "object", "properties": {**image_props(base64_), **options}, "required": needed}
-        },
+        "multipart/form-data": {"schema": body_schema({**image_props(binary), **form_options})},
+        "application/json": {"schema": body_schema({**image_props(base64_), **options})},
     }
     if "$defs" in schema:  # nested models (none today) would need their definitions
         for body in content.values():
