@@ -340,7 +340,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/enroll": body_limit(settings.max_image_bytes, settings.max_enroll_images),
     }
     # Added last = outermost: metrics see every request, including those the body limit refuses.
-    app.state.body_budget = PixelBudget(settings.max_body_bytes_in_flight, settings.queue_timeout_s)
+    # (`or`: Settings.model_construct(), which skips validators, leaves the default unset)
+    body_bytes = settings.max_body_bytes_in_flight or 6 * settings.max_image_bytes
+    app.state.body_budget = PixelBudget(body_bytes, settings.queue_timeout_s)
     app.add_middleware(HeadMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
