@@ -31,7 +31,8 @@ cleanup() {
 trap cleanup EXIT
 
 for _ in $(seq 1 300); do
-    if curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; then break; fi
+    if $PY -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/ready', timeout=2)" \
+        >/dev/null 2>&1; then break; fi
     if ! kill -0 "$SERVER" 2>/dev/null; then cat "$WORK/server.log"; exit 1; fi
     sleep 0.3
 done
