@@ -223,3 +223,43 @@ def peer_suite(frames: dict, portrait_bgr: np.ndarray, repeat: int, cnn_sizes: t
         t = measure(lambda: fr.face_encodings(rgb, known_face_locations=boxes), repeat, warmup=1)
         descriptor = t.p50
     return {"detectors": rows, "descriptor_ms": descriptor, "dlib": dlib.__version__}
+
+
+# --- JPEG decoding (service/images.py) -----------------------------------------------------------------------
+
+
+def jpeg_decoders(photo_path: Path, repeat: int) -> list[dict]:
+    """JPEG bytes -> BGR array with the libraries we could serve with, on a real photo at three sizes: OpenCV's
+    imdecode (what the service used before), simplejpeg in strict mode (what it uses: libjpeg-turbo, refusing
+    truncated data), Pillow. `max_diff` is the largest pixel difference from OpenCV's result."""
+    import simplejpeg
+
+    try:
+        from PIL import Image
+    except ImportError:  # the [bench] extra brings Pillow
+        Image = None
+    import io
+
+    original = photo_path.read_bytes()
+    image = cv2.imdecode(np.frombuffer(original, np.uint8), cv2.IMREAD_COLOR)
+    inputs = {f"{image.shape[1]}x{image.shape[0]} (the photo)": original}
+    for width, height in ((640, 480), (5000, 4000)):
+        inputs[f"{width}x{height}"] = jpeg(cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC), 95)
+
+    decoders = {
+        "OpenCV imdecode": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+        "simplejpeg (strict)": lambda data: simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True),
+    }
+    if Image is not None:
+        decoders["Pillow"] = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[:, :, ::-1]
+    rows = []
+    for name, data in inputs.items():
+        reference = decoders["OpenCV imdecode"](data)
+        baseline = None
+        for decoder, fn in decoders.items():
+            timing = measure(lambda fn=fn, data=data: fn(data), repeat, max_seconds=20)
+            diff = int(np.abs(fn(data).astype(np.int16) - reference).max())
+            baseline = baseline or timing.p50
+            rows.append({"image": name, "bytes": len(data), "decoder": decoder, "ms": timing.p50,
+                         "ratio": timing.p50 / baseline, "max_diff": diff})
+    return rows

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.http_protocol import guarded_protocol
 from service.settings import Settings
+
+# Blocks of this size and more get their own memory mapping, returned to the OS when freed.
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Fix glibc malloc's mmap threshold. By default it rises (up to 32 MiB) each time a large block is freed;
+    from then on request bodies and images come from the heap, and the heap keeps them after the request.
+    Measured on a real server: RSS 158 -> 335 MB after one 267 MB JSON /enroll and still 300 MB later; with
+    the fixed threshold it went back to 159 MB. MALLOC_MMAP_THRESHOLD_ in the environment still wins."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): their allocators behave differently, nothing to set
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
 
 
 def main() -> int:
@@ -18,6 +39,7 @@ def main() -> int:
     except ValidationError as exc:  # a readable refusal, not a traceback, for a bad environment
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    return_large_blocks_to_the_os()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -31,6 +53,8 @@ def main() -> int:
         log_level=settings.log_level,
         # Bodies are bounded by BodyLimitMiddleware; keep-alive connections idle out quickly.
         timeout_keep_alive=5,
+        # h11 with a header timeout and JSON answers to malformed framing (service/http_protocol.py).
+        http=guarded_protocol(settings.header_timeout_s),
     )
     return 0
 

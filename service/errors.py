@@ -34,6 +34,12 @@ class ImageTooLarge(FaceServiceError):
     status = 413
 
 
+class RequestTimeout(FaceServiceError):
+    """The client did not send its whole body within FACE_BODY_TIMEOUT_S."""
+    code = "request_timeout"
+    status = 408
+
+
 class NoFace(FaceServiceError):
     code = "no_face"
     status = 422

@@ -121,6 +121,58 @@ def validate_identity_id(identity_id: str) -> str:
     return identity_id
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(value: Any) -> str | None:
+    """Why some text in `value` (a str, or JSON holding them, keys included) must not be stored, or None.
+
+    A lone UTF-16 surrogate ("\\udfff" in JSON) has no UTF-8 encoding: stored, it makes every read that returns
+    it fail as it is serialised. A NUL character is refused by PostgreSQL's text and jsonb. Iterative, like
+    json_depth_exceeds, so that any nesting is safe to walk."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "a NUL character (U+0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a lone UTF-16 surrogate, which is not valid Unicode text"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def servable(value: Any) -> Any:
+    """`value` with every unencodable character of its text replaced by U+FFFD: what a read returns for a row
+    stored before text_problem refused such text at the door (see unservable_identities)."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {servable(k): servable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [servable(v) for v in value]
+    return value
+
+
+def unservable_identities(gallery: Any, page: int = 1000) -> list[str]:
+    """Ids of stored identities whose display name or metadata holds text that text_problem refuses: rows
+    written before that check existed. Reads return them with U+FFFD in place of the bad characters (servable);
+    this finds them so that an operator can fix or delete them. Uses only list_identities."""
+    found, offset = [], 0
+    while True:
+        identities, total = gallery.list_identities(offset, page)
+        found += [i.identity_id for i in identities if text_problem([i.display_name, i.metadata])]
+        offset += len(identities)
+        if not identities or offset >= total:
+            return found
+
+
 def json_depth_exceeds(value: Any, limit: int) -> bool:
     """True when dicts and lists in `value` nest more than `limit` deep. Iterative, so that any depth is safe
     to check: a recursive walk would fail on exactly the input this is meant to refuse."""
@@ -329,6 +381,8 @@ class Gallery:
             not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME
         ):
             raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
+        if display_name is not None and (problem := text_problem(display_name)):
+            raise InvalidParameter(f"display_name holds {problem}")
         metadata_json = None if metadata is None else self._metadata_json(metadata)
         if sources is not None and len(sources) != len(vectors):
             raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
@@ -595,6 +649,8 @@ class Gallery:
             raise InvalidParameter("metadata must be a JSON object")
         if json_depth_exceeds(metadata, MAX_METADATA_DEPTH):
             raise InvalidParameter(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        if problem := text_problem(metadata):
+            raise InvalidParameter(f"metadata holds {problem}")
         try:
             text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:

@@ -19,6 +19,7 @@ from service.gallery import (
     MAX_METADATA_DEPTH,
     SQLITE_MAX_INTEGER,
     json_depth_exceeds,
+    text_problem,
 )
 
 IdentityId = Annotated[
@@ -105,6 +106,13 @@ class EnrollOptions(DetectionOptions):
         "bystander would poison the identity) or enrol its `largest` face.",
     )
 
+    @field_validator("display_name")
+    @classmethod
+    def _servable_name(cls, value):
+        if value is not None and (problem := text_problem(value)):
+            raise ValueError(f"display_name holds {problem}")
+        return value
+
     @field_validator("metadata", mode="before")
     @classmethod
     def _parse_json(cls, value):
@@ -127,6 +135,8 @@ class EnrollOptions(DetectionOptions):
         # Depth first: the size check below encodes the value, recursively.
         if json_depth_exceeds(value, MAX_METADATA_DEPTH):
             raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        if problem := text_problem(value):  # keys too: stored, it would break every read of the identity
+            raise ValueError(f"metadata holds {problem}")
         # The gallery's own encoding (compact, no NaN), so that what passes here is what it stores.
         try:
             text = json.dumps(value, allow_nan=False, separators=(",", ":"))

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         description="Decoded pixels all requests together may hold at once; more wait their turn (service/"
         "admission.py). Default: 2 x max_image_pixels, so that a /verify of two largest images still runs.",
     )
+    max_body_bytes_in_flight: int | None = Field(
+        None,
+        ge=64 * 1024,
+        description="Request-body bytes (images still encoded: base64 or multipart) all image requests together "
+        "may hold at once, reserved from Content-Length before the body is read; more wait their turn like "
+        "pixels do. Default: 6 x max_image_bytes. One request larger than this still runs, alone.",
+    )
     queue_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for that budget before a 503 `busy` answer, in seconds."
     )
@@ -124,6 +131,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "port"))
     log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="Time a connection gets to send complete request headers (408 after)."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Time a request gets to send its whole body once its headers are in "
+        "(408 `request_timeout` after): a client trickling bytes cannot hold a connection, or bytes in flight."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -148,6 +162,8 @@ class Settings(BaseSettings):
     def _size_pixel_budget(self) -> Settings:
         if self.max_pixels_in_flight is None:
             self.max_pixels_in_flight = 2 * self.max_image_pixels
+        if self.max_body_bytes_in_flight is None:
+            self.max_body_bytes_in_flight = 6 * self.max_image_bytes
         return self
 
     @model_validator(mode="after")

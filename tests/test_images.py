@@ -80,7 +80,7 @@ def test_jpeg_photo_decodes_to_bgr_like_opencv(photo_bytes: bytes) -> None:
     assert image.dtype == np.uint8 and image.shape == (1868, 1382, 3)
     assert image.flags.c_contiguous
     np.testing.assert_array_equal(image, reference)
-    assert probe_image(photo_bytes) == images.ImageHeader("jpeg", 1382, 1868, False)
+    assert probe_image(photo_bytes) == images.ImageHeader("jpeg", 1382, 1868, False, 3)
 
 
 def test_grayscale_jpeg_photo_becomes_three_equal_channels(faces_dir: Path) -> None:
@@ -232,14 +232,32 @@ def test_exif_orientation_is_applied(photo: np.ndarray, orientation: int, rotate
     np.testing.assert_array_equal(upright, rotate(decode_image(plain, **LIMITS)))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_opencv(photo: np.ndarray, orientation: int) -> None:
+    # JPEGs are decoded by libjpeg-turbo (simplejpeg), which leaves orientation to us: all eight EXIF values,
+    # mirrored ones included, must come out as OpenCV's IMREAD_COLOR turns them.
+    tagged = with_segment(encode(".jpg", photo), exif_app1(orientation))
+    expected = cv2.imdecode(np.frombuffer(tagged, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decode_image(tagged, **LIMITS), expected)
+
+
+def test_half_a_jpeg_with_an_end_marker_appended_is_refused(photo_bytes: bytes) -> None:
+    # Its framing is intact (every segment, a scan with data, an EOI): only the entropy decoder can tell that
+    # the scan stops early. OpenCV decodes it with a grey lower half; we refuse it.
+    half = photo_bytes[: len(photo_bytes) // 2] + b"\xff\xd9"
+    with pytest.raises(InvalidImage, match="premature end of data"):
+        decode_image(half, **LIMITS)
+
+
 # --- refused input -------------------------------------------------------------------------------------------
 
 
 def _decoder_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
-        raise AssertionError("cv2.imdecode was called on input that should be refused from its header")
+        raise AssertionError("a decoder was called on input that should be refused from its header")
 
     monkeypatch.setattr(images.cv2, "imdecode", refuse)
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", refuse)
 
 
 def test_png_decompression_bomb_is_refused_from_its_header(monkeypatch: pytest.MonkeyPatch) -> None:

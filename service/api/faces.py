@@ -103,7 +103,9 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
         "`match` is `similarity >= threshold`. An image without a face is 422 `no_face`, naming the image."
     ),
     responses=error_responses(404, 409),
-    openapi_extra=openapi_body(VerifyOptions, images=("image1", "image2"), required=("image1",)),
+    openapi_extra=openapi_body(
+        VerifyOptions, images=("image1", "image2"), required=("image1",), exactly_one_of=("image2", "identity_id")
+    ),
 )
 async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     body = await read_request(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from service.api.runtime import Runtime, RuntimeDep
 from service.api.uploads import ImageUpload, openapi_body, read_request
 from service.errors import FaceServiceError, NoFace, TooManyFaces
+from service.gallery import servable
 from service.pipeline import Face, largest
 from service.schemas import (
     Deleted,
@@ -134,10 +135,12 @@ async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
 
 
 def _summary(identity) -> dict:
+    # servable(): rows stored before bad text was refused at the door are still returned (U+FFFD in place of
+    # a lone surrogate), not a 500 on every page that holds them.
     return {
         "identity_id": identity.identity_id,
-        "display_name": identity.display_name,
-        "metadata": identity.metadata,
+        "display_name": servable(identity.display_name),
+        "metadata": servable(identity.metadata),
         "face_count": identity.face_count,
         "foreign_face_count": identity.foreign_face_count,
         "created_at": _time(identity.created_at),
@@ -171,7 +174,7 @@ async def get_identity(identity_id: IdentityPath, runtime: RuntimeDep) -> Identi
                 created_at=_time(f.created_at),
                 model_sha256=f.model_sha256,
                 current_model=f.current_model,
-                source=f.source,
+                source=servable(f.source),
             )
             for f in identity.faces or []
         ],

@@ -25,7 +25,7 @@ from service.decision import Decision, IdentifyPolicy
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.errors import FaceServiceError
-from service.gallery import Gallery
+from service.gallery import Gallery, unservable_identities
 from service.images import decode_image, probe_image
 from service.metrics import Metrics
 from service.onnx_model import session_options
@@ -115,6 +115,7 @@ class Runtime:
         runtime = cls(settings, metrics, Pipeline(detector, embedder), gallery, inference_pool, gallery_pool)
         await runtime.infer(runtime._warm_up)
         await runtime.refresh_gallery_gauge()
+        await runtime.in_gallery(_report_unservable_rows, gallery)
         return runtime
 
     def _warm_up(self) -> None:
@@ -223,6 +224,17 @@ class Runtime:
         count = getattr(self.gallery, "count_faces", None)
         if count is not None:
             self.metrics.gallery_faces.set(await self.in_gallery(count))
+
+
+def _report_unservable_rows(gallery) -> None:
+    """Start-up check: rows stored before bad text (lone surrogates, NUL) was refused at the door. Reads serve
+    them with U+FFFD in their place; the warning names them so that they can be fixed or deleted."""
+    bad = unservable_identities(gallery)
+    if bad:
+        log.warning(
+            "%d identities hold text that is not valid Unicode (served with U+FFFD in its place): %s%s",
+            len(bad), ", ".join(bad[:20]), " ..." if len(bad) > 20 else "",
+        )
 
 
 def get_runtime(request: Request) -> Runtime:

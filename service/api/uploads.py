@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -106,6 +107,26 @@ async def _read_upload(upload: UploadFile, field: str, index: int, max_bytes: in
     return ImageUpload(field, index, upload.filename, data)
 
 
+async def _read_json(request: Request) -> Any:
+    """The JSON body, parsed from a buffer this function owns and drops. Request.json() would keep the raw
+    bytes and the parsed document referenced by the request until its response is sent, through inference:
+    for a 270 MB /enroll body that is twice its size held for seconds, on top of the decoded images."""
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+    try:
+        text = buffer.decode("utf-8")
+        del buffer[:]  # one copy at a time: the bytes go before the parse makes its objects
+        return json.loads(text)
+    except RecursionError:
+        # The C parser recurses once per level: `[[[[...` a few thousand deep exhausts the stack limit.
+        raise InvalidParameter("the JSON body is nested too deeply") from None
+    except ValueError as exc:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is the refusal to convert an
+        # integer of more than sys.get_int_max_str_digits() digits (a quadratic-time guard of Python's).
+        raise InvalidParameter(f"the JSON body does not parse: {exc}") from None
+
+
 async def read_request(
     request: Request,
     options_model: type[Options],
@@ -152,25 +173,23 @@ async def read_request(
         finally:
             await form.close()  # spooled temporary files of large parts go now, not at garbage collection
     elif content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            body = await request.json()
-        except RecursionError:
-            # The C parser recurses once per level: `[[[[...` a few thousand deep exhausts the stack limit.
-            raise InvalidParameter("the JSON body is nested too deeply") from None
-        except ValueError as exc:
-            # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is the refusal to convert an
-            # integer of more than sys.get_int_max_str_digits() digits (a quadratic-time guard of Python's).
-            raise InvalidParameter(f"the JSON body does not parse: {exc}") from None
+        body = await _read_json(request)
         if not isinstance(body, dict):
             raise InvalidParameter("the JSON body must be an object")
-        for key, value in body.items():
+        for key in list(body):
+            value = body.pop(key)  # each base64 string is dropped as soon as it is decoded
             if key in image_fields:
                 items = value if key == list_field and isinstance(value, list) else [value]
+                del value
                 if len(items) > max_images:  # refuse before decoding any of them
                     raise InvalidParameter(
                         f"at most {max_images} images per request", details={"field": key, "max_images": max_images}
                     )
-                found[key] = [_decode_base64(v, key, i, max_image_bytes) for i, v in enumerate(items)]
+                decoded = []
+                for i in range(len(items)):
+                    decoded.append(_decode_base64(items[i], key, i, max_image_bytes))
+                    items[i] = None
+                found[key] = decoded
             else:
                 raw[key] = value
     elif image_fields or request.headers.get("content-length", "0") not in ("", "0"):
@@ -200,6 +219,7 @@ def openapi_body(
     images: tuple[str, ...] = (),
     required: tuple[str, ...] = (),
     list_field: str | None = None,
+    exactly_one_of: tuple[str, ...] = (),
     description: str = "",
 ) -> dict[str, Any]:
     """`openapi_extra` documenting the two body encodings read_request accepts, built from the options model.
@@ -222,15 +242,24 @@ def openapi_body(
             props[list_field] = {"type": "array", "items": {**encoding}, "minItems": 1}
         return props
 
-    binary = {"type": "string", "format": "binary", "description": "An image file (JPEG, PNG, WebP, BMP)."}
-    base64_ = {"type": "string", "format": "byte", "description": "Base64 of an image file (data: URL allowed)."}
+    # What the handlers refuse, the document says: an empty image, a field it does not name (options models
+    # forbid extras), both or neither of two alternatives (/verify: image2 or identity_id).
+    binary = {"type": "string", "format": "binary", "minLength": 1,
+              "description": "An image file (JPEG, PNG, WebP, BMP)."}
+    base64_ = {"type": "string", "format": "byte", "minLength": 4,
+               "description": "Base64 of an image file (data: URL allowed)."}
+
+    def body_schema(properties: dict[str, Any]) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": "object", "properties": properties, "required": needed, "additionalProperties": False,
+        }
+        if exactly_one_of:
+            schema["oneOf"] = [{"required": [name]} for name in exactly_one_of]
+        return schema
+
     content: dict[str, Any] = {
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {**image_props(binary), **form_options}, "required": needed}
-        },
-        "application/json": {
-            "schema": {"type": "object", "properties": {**image_props(base64_), **options}, "required": needed}
-        },
+        "multipart/form-data": {"schema": body_schema({**image_props(binary), **form_options})},
+        "application/json": {"schema": body_schema({**image_props(base64_), **options})},
     }
     if "$defs" in schema:  # nested models (none today) would need their definitions
         for body in content.values():

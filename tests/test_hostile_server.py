@@ -1,0 +1,194 @@
+"""Hostile requests against a real server process over TCP (issue 16): each is answered with a typed 4xx in a
+bounded time, and the server process's memory (VmRSS now, VmHWM peak, from /proc) barely moves."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from server_process import Server, running_server
+
+from service import image_structure
+from service.gallery import Gallery
+
+ANSWER_WITHIN_S = 2.0
+MEMORY_GROWTH_MB = 100.0
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(models_dir, tmp_path_factory.mktemp("hostile")) as running:
+        yield running
+
+
+def png_bomb_44_bytes() -> bytes:
+    """A 100x100 IHDR, then a chunk header declaring a length near 4 GB, then 3 bytes."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 100, 100, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0xFFFFFFF0) + b"IDAT" + b"\x00\x00\x00"
+    assert len(bomb) == 44
+    return bomb
+
+
+def scan_offsets(jpeg: bytes) -> list[int]:
+    found, pos = [], 2
+    while jpeg[pos + 1] != 0xD9:
+        (length,) = struct.unpack(">H", jpeg[pos + 2 : pos + 4])
+        if jpeg[pos + 1] == 0xDA:
+            found.append(pos)
+            pos = image_structure._NEXT_MARKER.search(jpeg, pos + 2 + length).start()
+        else:
+            pos += 2 + length
+    return found
+
+
+def progressive_scan_bomb(faces_dir: Path, scan: int, times: int) -> bytes:
+    """A real photo as a smooth progressive 4000x4000 JPEG whose scan number `scan` (-1: the last) is repeated
+    `times` times before the end marker. libjpeg decodes every repeat over the whole image, warning only."""
+    image = cv2.imread(str(faces_dir / "pairs" / "img1.jpg"))
+    smooth = cv2.resize(cv2.resize(image, (40, 40), interpolation=cv2.INTER_AREA), (4000, 4000))
+    ok, buf = cv2.imencode(".jpg", smooth, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert ok
+    data = buf.tobytes()
+    scans = scan_offsets(data)
+    eoi = data.rindex(b"\xff\xd9")
+    start = scans[scan]
+    end = scans[scan + 1] if scan != -1 and scan + 1 < len(scans) else eoi
+    return data[:eoi] + data[start:end] * times + data[eoi:]
+
+
+def send_and_measure(server: Server, path: str, files: dict, figures, label: str) -> httpx.Response:
+    before = server.memory_mb()
+    started = time.perf_counter()
+    response = httpx.post(server.url + path, files=files, timeout=120)
+    elapsed = time.perf_counter() - started
+    after = server.memory_mb()
+    rss_growth = after["VmRSS"] - before["VmRSS"]
+    peak_growth = after["VmHWM"] - before["VmHWM"]
+    figures(
+        f"{label}: {response.status_code} {response.json()['error']['code']} in {elapsed:.3f} s; server RSS "
+        f"{before['VmRSS']:.0f} -> {after['VmRSS']:.0f} MiB, peak {before['VmHWM']:.0f} -> {after['VmHWM']:.0f} MiB"
+    )
+    assert elapsed < ANSWER_WITHIN_S, f"{label} took {elapsed:.1f} s"
+    assert rss_growth < MEMORY_GROWTH_MB and peak_growth < MEMORY_GROWTH_MB, (before, after)
+    return response
+
+
+def test_44_byte_png_bomb_is_refused_quickly_without_memory(server: Server, figures) -> None:
+    response = send_and_measure(
+        server, "/detect", {"image": ("bomb.png", png_bomb_44_bytes(), "image/png")}, figures, "44-byte PNG bomb"
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert "declares 4294967280 bytes" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "scan, times, label",
+    [
+        (4, 5000, "progressive 4000x4000 JPEG, a 64-byte scan repeated 5,000 times"),
+        (-1, 150, "progressive 4000x4000 JPEG, its 75 KB last scan repeated 150 times"),
+    ],
+)
+def test_progressive_jpeg_with_repeated_scans_is_refused_quickly(
+    server: Server, faces_dir: Path, figures, scan: int, times: int, label: str
+) -> None:
+    bomb = progressive_scan_bomb(faces_dir, scan, times)
+    response = send_and_measure(server, "/detect", {"image": ("bomb.jpg", bomb, "image/jpeg")}, figures, label)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert "bogus progression" in error["message"]
+    # and an ordinary request is served as before
+    ok = httpx.post(server.url + "/detect", files={"image": (faces_dir / "pairs" / "img25.jpg").read_bytes()})
+    assert ok.status_code == 200 and len(ok.json()["faces"]) >= 1
+
+
+def test_half_a_jpeg_with_an_end_marker_is_refused(server: Server, faces_dir: Path, figures) -> None:
+    data = (faces_dir / "pairs" / "img1.jpg").read_bytes()
+    half = data[: len(data) // 2] + b"\xff\xd9"
+    response = send_and_measure(server, "/detect", {"image": ("half.jpg", half, "image/jpeg")}, figures,
+                                "first half of a JPEG + EOI")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_image"
+    assert "premature end of data" in response.json()["error"]["message"]
+
+
+# --- stored data is always servable ---------------------------------------------------------------------------
+
+
+def _enroll_json(server: Server, faces_dir: Path, **fields) -> httpx.Response:
+    image = base64.b64encode((faces_dir / "pairs" / "img25.jpg").read_bytes()).decode()
+    # json.dumps escapes a lone surrogate as \udfff, as an attacker's client would send it (httpx's own
+    # encoder cannot encode it at all).
+    body = json.dumps({"images": [image], **fields}).encode()
+    return httpx.post(server.url + "/enroll", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"metadata": {"note": "\udfff"}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"\ud800": 1}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"deep": [{"x": ["ok", "\udc00"]}]}}, "lone UTF-16 surrogate"),
+        ({"metadata": {"note": "a\u0000b"}}, "NUL character"),
+        ({"display_name": "Ann\udfff"}, "unable to parse raw data as a unicode string"),  # pydantic's own
+        ({"display_name": "Ann\u0000"}, "NUL character"),
+        ({"metadata": json.dumps({"note": "\udfff"})}, "lone UTF-16 surrogate"),  # metadata as a JSON string
+    ],
+)
+def test_unencodable_text_is_refused_at_the_door(server: Server, faces_dir: Path, fields: dict, problem: str):
+    started = time.perf_counter()
+    response = _enroll_json(server, faces_dir, identity_id="poison", **fields)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_parameter"
+    assert problem in response.json()["error"]["message"]
+    assert elapsed < ANSWER_WITHIN_S
+    assert httpx.get(server.url + "/identities/poison").status_code == 404  # nothing was stored
+    assert httpx.get(server.url + "/identities").status_code == 200
+
+
+def test_the_same_text_sent_as_multipart_is_refused(server: Server, faces_dir: Path) -> None:
+    image = (faces_dir / "pairs" / "img25.jpg").read_bytes()
+    response = httpx.post(
+        server.url + "/enroll",
+        files={"images": ("a.jpg", image, "image/jpeg")},
+        data={"identity_id": "poison", "metadata": json.dumps({"note": "\udfff"})},
+        timeout=60,
+    )
+    assert response.status_code == 422 and "lone UTF-16 surrogate" in response.json()["error"]["message"]
+
+
+def test_rows_stored_before_the_check_are_found_at_start_and_still_served(
+    models_dir: Path, tmp_path: Path, faces_dir: Path
+) -> None:
+    # A gallery written by an older version, which stored metadata holding a lone surrogate (JSON escapes it,
+    # so the row is stored; every read that returned it answered 500).
+    path = tmp_path / "old.db"
+    with Gallery(path, "0" * 64, 4) as gallery:
+        gallery.enroll("clean", np.eye(1, 4, dtype=np.float32), display_name="Clean", metadata={"a": "b"})
+        gallery.enroll("poisoned", np.eye(1, 4, dtype=np.float32), display_name="P", metadata={"a": "b"})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE identities SET metadata = ? WHERE id = 'poisoned'",
+                   (json.dumps({"note": "\udfff", "emoji": "\U0001f600", "\ud800": 1}),))
+    with running_server(models_dir, tmp_path, FACE_GALLERY_PATH=str(path)) as server:
+        assert "1 identities hold text that is not valid Unicode" in server.log_text()
+        assert "poisoned" in server.log_text()
+        one = httpx.get(server.url + "/identities/poisoned")
+        assert one.status_code == 200, one.text
+        assert one.json()["metadata"] == {"note": "\ufffd", "emoji": "\U0001f600", "\ufffd": 1}
+        page = httpx.get(server.url + "/identities")
+        assert page.status_code == 200
+        assert [i["identity_id"] for i in page.json()["items"]] == ["clean", "poisoned"]
