@@ -43,6 +43,21 @@ def lfw_dir(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL 16 with pgvector for the whole session (tests/pg_support.py). Skips where the `pgserver`
+    wheel is not installed (it is in the test extra; it has wheels for Linux and macOS)."""
+    pytest.importorskip("pgserver", reason="the pgserver wheel (PostgreSQL + pgvector) is not installed")
+    from pg_support import PostgresServer
+
+    # A short folder: the server's Unix socket lives in it, and socket paths are limited to ~100 bytes.
+    server = PostgresServer(tmp_path_factory.mktemp("pg", numbered=True))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The default models built by `make models` (the test command builds them first)."""
     if not MODELS_DIR.exists():
