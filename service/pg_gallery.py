@@ -129,6 +129,18 @@ def _connection_options(url: str, timeout_s: float) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k not in given}
 
 
+def create_model_index(conn: psycopg.Connection, model_sha256: str, embedding_size: int) -> None:
+    """The HNSW index (cosine) of one embedder's faces: partial, so that its searches never see other models'."""
+    if not _SHA256.fullmatch(model_sha256):
+        raise ValueError(f"not a sha256: {model_sha256!r}")
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+            "WHERE model_sha256 = {}"
+        ).format(sql.Identifier(_index_name(model_sha256)), int(embedding_size), sql.Literal(model_sha256))
+    )
+
+
 def prepare_database(
     url: str, model_sha256: str | None, embedding_size: int | None, timeout_s: float = 5.0
 ) -> None:
@@ -172,14 +184,8 @@ def prepare_database(
                     f"this service's ({SCHEMA_VERSION}): run a service release that knows it, or point "
                     "FACE_GALLERY_URL at another database"
                 )
-            if model_sha256 is None:
-                return
-            conn.execute(
-                sql.SQL(
-                    "CREATE INDEX IF NOT EXISTS {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
-                    "WHERE model_sha256 = {}"
-                ).format(sql.Identifier(_index_name(model_sha256)), embedding_size, sql.Literal(model_sha256))
-            )
+            if model_sha256 is not None:
+                create_model_index(conn, model_sha256, embedding_size)
     except psycopg.Error as exc:
         raise GallerySetupError(f"FACE_GALLERY_URL: cannot set up the gallery in {redact(url)}: {exc}") from None
     finally:
