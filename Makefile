@@ -39,6 +39,7 @@ evaluate: models
 	$(PY) -m evaluate verify --pairs $(SHARED_DATA)/faces/pairs/pairs.csv --out $(EVAL_OUT)/pairs --models-dir $(MODELS_DIR)
 	$(PY) -m evaluate verify --pairs $(SHARED_DATA)/lfw-dev/pairs.txt --out $(EVAL_OUT)/lfw-dev --models-dir $(MODELS_DIR)
 	$(PY) -m evaluate detection --photos $(SHARED_DATA)/faces --out $(EVAL_OUT)/detection --models-dir $(MODELS_DIR)
+	$(PY) -m evaluate identify --people $(SHARED_DATA)/lfw-dev/images --out $(EVAL_OUT)/identify --models-dir $(MODELS_DIR)
 
 # Speed and memory against face_recognition (dlib); rewrites BENCHMARKS.md.
 bench: models

@@ -5,6 +5,11 @@
              ROC AUC, TAR at FAR 1e-2 / 1e-3, photos without a face; writes roc.png and summary.json.
   detection  the served ONNX detector against the PyTorch model it was exported from, on every photo of a
              folder: matched boxes (IoU), landmark error in pixels, score difference; writes detection.json.
+  identify   open-set identification (1:N with strangers) on a folder of people (one sub-folder each): FNIR at
+             FPIR 0.1 / 0.01 / 0.001 and rank-1 for several gallery sizes, the DET curve, the per-comparison
+             FAR(t) table from every different-person pair and the FPIR it predicts, the service's threshold
+             policy replayed, candidate decision rules compared; writes det.png, fpir.png, far_table.json,
+             summary.json; --write-table puts the FAR table into an embedder's metadata.
   wider      WIDER FACE AP (easy/medium/hard with the eval_tools .mat files, else `all`), from a predictions
              folder or by running the served detector over the WIDER images.
 
@@ -112,6 +117,78 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_identify(args) -> int:
+    from evaluate.open_set import evaluate_open_set, plot_det, plot_prediction, report_lines
+    from evaluate.pairs import build_pipeline
+    from evaluate.people import embed_people
+    from service.decision import IdentifyPolicy
+
+    settings = _settings(args)
+    pipeline = build_pipeline(settings)
+    embedder = pipeline.embedder
+    verify_threshold = settings.match_threshold if settings.match_threshold is not None else embedder.threshold
+    if verify_threshold is None:
+        print(f"{settings.embedder_path.name} has no face.embedder.threshold: pass --threshold", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    people = embed_people(pipeline, args.people, face=args.face, detection_score=settings.detection_score_threshold,
+                          max_faces=settings.max_faces, max_pixels=settings.max_image_pixels,
+                          cache=args.out / "embeddings.npz", progress=True)
+    sizes = [int(s) if s != "all" else 1 << 62 for s in args.sizes.split(",")]
+    rule = (
+        f"share of different-person pairs with cosine >= t, over every pair of {people.photos} photos of "
+        f"{len(people.names)} people in {Path(args.people).resolve().parent.name}/{Path(args.people).name}, served "
+        f"pipeline: RetinaFace landmarks ({args.face} face), {embedder.template.shape[0]}-point alignment, "
+        f"{settings.embedder_path.name} (sha256 {embedder.sha256[:12]} when measured), mirror averaging "
+        f"{'on' if embedder.flip else 'off'}; points every 0.01 backed by at least 10 pairs"
+    )
+    report = evaluate_open_set(people, sizes=sizes, repeats=args.repeats, seed=args.seed,
+                               policy=IdentifyPolicy(None, args.target_fpir, verify_threshold),
+                               table_rule=rule, target_fpir=args.target_fpir, per_person=args.per_person,
+                               template=args.template)
+    folder = Path(args.people).resolve()
+    title = f"{folder.parent.name}/{folder.name}: {settings.embedder_path.name}"
+    plot_det(report, args.out / "det.png", f"DET, {title}")
+    plot_prediction(report, args.out / "fpir.png", f"FPIR measured vs predicted, {title}")
+    table = report.table.to_json()
+    (args.out / "far_table.json").write_text(json.dumps(table, indent=1) + "\n")
+    summary = {
+        "people_root": str(args.people),
+        "embedder": str(settings.embedder_path),
+        "embedder_sha256": embedder.sha256,
+        "face_choice": args.face,
+        "per_person": args.per_person,
+        "template": args.template,
+        "verify_threshold": verify_threshold,
+        "target_fpir": args.target_fpir,
+        "people": report.people,
+        "photos_with_face": report.photos,
+        "photos_without_face": len(people.missed),
+        "largest_gallery": report.candidates,
+        "seed": args.seed,
+        "sizes": report.sizes,
+        "serves": report.serves,
+        "variants": report.variants,
+        "far_table": {k: v for k, v in table.items() if k not in ("thresholds", "far")},
+        "embedding_seconds": people.seconds,
+        "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"open-set identification on {args.people} through {settings.detector_path.name} + "
+          f"{settings.embedder_path.name}")
+    for line in report_lines(report, args.target_fpir):
+        print("  " + line)
+    print(f"  wrote {args.out / 'det.png'}, {args.out / 'fpir.png'}, {args.out / 'far_table.json'} and "
+          f"{args.out / 'summary.json'}")
+    if args.write_table:
+        from evaluate.model_table import write_far_table
+
+        new_sha = write_far_table(settings.embedder_path, table, expected_sha256=embedder.sha256)
+        print(f"  wrote face.embedder.far_table into {settings.embedder_path} (its sha256 is now {new_sha[:12]}: "
+              "faces enrolled with the old file are foreign to it; add the table before enrolling)")
+    return 0
+
+
 def cmd_detection(args) -> int:
     from evaluate import detection
     from service.detector import RetinaFaceDetector
@@ -207,6 +284,31 @@ def main(argv: list[str] | None = None) -> int:
                              "whose photos are centred on the subject; largest, as /verify does, otherwise)")
     _common(verify)
     verify.set_defaults(run=cmd_verify)
+
+    ident = sub.add_parser("identify", help="open-set identification (1:N with strangers) on a folder of people")
+    ident.add_argument("--people", required=True, type=Path,
+                       help="a folder with one sub-folder of photos per person (e.g. lfw-dev/images)")
+    ident.add_argument("--sizes", default="100,200,400,all",
+                       help="gallery sizes to measure, comma-separated; `all` = everyone with two or more photos")
+    ident.add_argument("--repeats", type=int, default=5, help="random draws per gallery size below the largest")
+    ident.add_argument("--seed", type=int, default=0)
+    ident.add_argument("--per-person", type=int, default=1,
+                       help="photos enrolled per person (at most; one is always left as a probe)")
+    ident.add_argument("--template", choices=("mean", "best", "both"), default="mean",
+                       help="how an identity with several photos is scored: mean (the service's template, the "
+                            "normalised mean embedding), best (its best photo), both (the larger)")
+    ident.add_argument("--target-fpir", type=float, default=0.01,
+                       help="the FPIR the replayed threshold policy aims at (FACE_IDENTIFY_FPIR)")
+    ident.add_argument("--threshold", type=float,
+                       help="the 1:1 threshold the policy never goes below (default: the embedder's)")
+    ident.add_argument("--face", choices=("central", "largest"), default="central",
+                       help="which detected face stands for a photo (default: central, for photos cropped around "
+                            "their subject as LFW's are; largest, as /enroll's multiple_faces=largest)")
+    ident.add_argument("--write-table", action="store_true",
+                       help="write the measured FAR table into the embedder file's metadata "
+                            "(face.embedder.far_table), so /identify can set its threshold by FPIR")
+    _common(ident)
+    ident.set_defaults(run=cmd_identify)
 
     det = sub.add_parser("detection", help="ONNX detector against its PyTorch source (needs torch)")
     det.add_argument("--photos", required=True, type=Path, help="folder searched recursively for photos")

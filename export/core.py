@@ -333,6 +333,12 @@ def validate_metadata(
         size = _json(meta, "face.embedder.embedding_size")
         if not (isinstance(size, int) and size > 0):
             problems.append(f"face.embedder.embedding_size must be a positive integer, got {size!r}")
+        if "face.embedder.far_table" in meta:
+            # The full check (monotone, in range) is the service's, at load; here only the shape a reader needs.
+            table = _json(meta, "face.embedder.far_table")
+            if not (isinstance(table, dict) and {"thresholds", "far", "measured_to", "impostor_pairs"} <= set(table)):
+                problems.append("face.embedder.far_table must be a JSON object with thresholds, far, measured_to, "
+                                "impostor_pairs")
     else:
         priors = _json(meta, "face.detector.priors")
         if not (isinstance(priors, dict) and {"min_sizes", "steps", "variance"} <= set(priors)):

@@ -38,6 +38,7 @@ from export.core import (
     sha256_file,
     shared_data_dir,
 )
+from export.mobilefacenet_far_table import FAR_TABLE
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
@@ -97,6 +98,8 @@ def tflite_metadata() -> dict[str, object]:
         meta["face.embedder.threshold"] = THRESHOLD
         meta["face.embedder.threshold_rule"] = THRESHOLD_RULE
         meta["face.embedder.far"] = THRESHOLD_FAR
+        # FAR(t) over every different-person pair of lfw-dev, for /identify's threshold by gallery size.
+        meta["face.embedder.far_table"] = FAR_TABLE
     return meta
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.decision import FarTable, FarTableError
 from service.errors import InvalidParameter, ModelError
 from service.onnx_model import ModelMetadata, check_io, create_session, file_sha256, read_metadata
 
@@ -79,6 +80,11 @@ class Embedder:
         ):
             raise meta.error("face.embedder.template", f"has points outside the {width}x{height} input")
         self.threshold: float | None = meta.number("face.embedder.threshold", optional=True, low=-1, high=1)
+        table = meta.json("face.embedder.far_table", optional=True)
+        try:
+            self.far_table: FarTable | None = None if table is None else FarTable.from_json(table)
+        except FarTableError as exc:
+            raise meta.error("face.embedder.far_table", str(exc)) from None
         self.flip: bool = meta.boolean("face.embedder.flip", default=False) if flip is None else bool(flip)
 
         # (pixel - mean) / std == pixel * scale + offset, in the network's channel order.

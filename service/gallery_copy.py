@@ -97,6 +97,13 @@ def copy_gallery(source_url: str, target_url: str, *, log=print) -> dict[str, in
             "SELECT face_id, identity_id, model_sha256, embedding, created_at, source FROM copy_faces ORDER BY ord "
             "ON CONFLICT (face_id) DO NOTHING"
         ).rowcount
+        # Templates (per identity and model: the sum of its faces) rebuilt for every identity the copy touched.
+        conn.execute("DELETE FROM templates WHERE identity_id IN (SELECT DISTINCT identity_id FROM copy_faces)")
+        conn.execute(
+            "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+            "SELECT identity_id, model_sha256, sum(embedding), count(*) FROM faces "
+            "WHERE identity_id IN (SELECT DISTINCT identity_id FROM copy_faces) GROUP BY identity_id, model_sha256"
+        )
         for sha, size in models.items():
             log(f"  building the HNSW index of model {sha[:12]} ({size} dimensions)")
             create_model_index(conn, sha, int(size))

@@ -2,20 +2,22 @@
 
 Same semantics as the SQLite store (service/gallery.py), held to the same contract suite (tests/test_gallery.py):
 identities with a display name and JSON metadata; faces tagged with the sha256 of the embedder that made them;
-other models' faces kept and counted, never compared; the best face per identity; one transaction per enrolment.
+other models' faces kept and counted, never compared; each identity matched through its template (the normalised
+mean of its faces); one transaction per enrolment.
 
 Consistency. There is no per-replica copy of anything: every read and every search runs in the database, so a
 replica sees every other replica's committed enrolments and deletions at once. Commits are synchronous
 (`synchronous_commit=on` is set on every connection, whatever the server's default): an enrolment is on the
 database's disk before its 200.
 
-Search. Each embedder has its own partial HNSW index (cosine) over `embedding::vector(D) WHERE model_sha256 =
-'<sha>'`. pgvector 0.6 filters after the index scan, so one index over all models would hand back fewer rows
-than asked whenever other models' faces are near the query; a partial index holds the current model's faces
-only. The index returns the `ef` nearest faces (ef = max(EF_SEARCH, 4 x top_k)); those name the candidate
-identities, and each candidate is then re-scored exactly by its best face (so a face the graph missed cannot make
-an identity's score wrong). When the `ef` faces name fewer than top_k identities (one person enrolled many
-times near the query) and could hide more above the threshold, the query falls back to an exact scan.
+Search. `templates` holds one row per identity and model: the sum of its faces' unit embeddings, updated in the
+enrolment's transaction (an upsert that adds, under the row's lock, so concurrent enrolments of one identity on
+several replicas add up) and rebuilt from `faces` when a face is deleted. Cosine distance ignores length, so the
+sum stands for the template. Each embedder has its own partial HNSW index (cosine) over `total::vector(D) WHERE
+model_sha256 = '<sha>'`: pgvector 0.6 filters after the index scan, so one index over all models would hand back
+fewer rows than asked whenever other models' templates are near the query. With one row per identity the index's
+nearest rows are the answer (top_k of them, exploring ef_search = max(EF_SEARCH, top_k) candidates), with exact
+distances for the rows it returns.
 
 Faults. Database errors that a retry can cure (server down or restarting, connection lost, statement timeout)
 become `Unavailable` (503 `not_ready`), within FACE_GALLERY_TIMEOUT_S: that bounds the wait for a pooled
@@ -88,6 +90,16 @@ CREATE TABLE faces (
 );
 CREATE INDEX faces_by_identity ON faces (identity_id, model_sha256);
 CREATE INDEX faces_by_model ON faces (model_sha256, identity_id);
+-- One row per identity and model: the sum of its faces' unit embeddings. Cosine distance ignores length, so the
+-- sum stands for the template (their normalised mean) in every comparison and in the HNSW index. Kept in step
+-- with `faces` inside the same transactions.
+CREATE TABLE templates (
+    identity_id  text COLLATE "C" NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    model_sha256 text NOT NULL,
+    total        vector NOT NULL,
+    faces        integer NOT NULL,
+    PRIMARY KEY (identity_id, model_sha256)
+);
 """
 
 # Errors a retry can cure: the server is down or restarting, the connection broke, a statement timed out, a
@@ -107,7 +119,7 @@ def redact(url: str) -> str:
 
 
 def _index_name(model_sha256: str) -> str:
-    return f"faces_hnsw_{model_sha256[:32]}"
+    return f"templates_hnsw_{model_sha256[:32]}"
 
 
 def _connection_options(url: str, timeout_s: float) -> dict[str, Any]:
@@ -130,12 +142,13 @@ def _connection_options(url: str, timeout_s: float) -> dict[str, Any]:
 
 
 def create_model_index(conn: psycopg.Connection, model_sha256: str, embedding_size: int) -> None:
-    """The HNSW index (cosine) of one embedder's faces: partial, so that its searches never see other models'."""
+    """The HNSW index (cosine) of one embedder's templates: partial, so that its searches never see other
+    models'."""
     if not _SHA256.fullmatch(model_sha256):
         raise ValueError(f"not a sha256: {model_sha256!r}")
     conn.execute(
         sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+            "CREATE INDEX IF NOT EXISTS {} ON templates USING hnsw ((total::vector({})) vector_cosine_ops) "
             "WHERE model_sha256 = {}"
         ).format(sql.Identifier(_index_name(model_sha256)), int(embedding_size), sql.Literal(model_sha256))
     )
@@ -215,7 +228,7 @@ class PostgresGallery:
         self.timeout_s = float(timeout_s)
         prepare_database(url, model_sha256, self.embedding_size, timeout_s)
         self._model = sql.Literal(model_sha256)  # a literal, not a parameter: the planner must see the
-        self._vector = sql.SQL("embedding::vector({})").format(self.embedding_size)  # partial index's terms
+        self._vector = sql.SQL("total::vector({})").format(self.embedding_size)  # the partial index's terms
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -299,6 +312,14 @@ class PostgresGallery:
                     "VALUES (%s, %s, %s, %s, %s, %s)",
                     rows,
                 )
+            # The row lock the upsert takes serialises concurrent enrolments of one identity from any replica.
+            conn.execute(
+                "INSERT INTO templates (identity_id, model_sha256, total, faces) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (identity_id, model_sha256) DO UPDATE SET "
+                "total = templates.total + excluded.total, faces = templates.faces + excluded.faces",
+                (identity_id, self.model_sha256, vectors.astype(np.float64).sum(axis=0).astype(np.float32),
+                 len(vectors)),
+            )
         return face_ids
 
     def delete_identity(self, identity_id: str) -> int:
@@ -329,6 +350,14 @@ class PostgresGallery:
                     f"identity {identity_id!r} has no face {face_id!r}",
                     details={"identity_id": identity_id, "face_id": face_id},
                 )
+            # Rebuilt from what is stored, not subtracted: no rounding drift, and every model's row stays right.
+            conn.execute("DELETE FROM templates WHERE identity_id = %s", (identity_id,))
+            conn.execute(
+                "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                "SELECT identity_id, model_sha256, sum(embedding), count(*) FROM faces WHERE identity_id = %s "
+                "GROUP BY identity_id, model_sha256",
+                (identity_id,),
+            )
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -399,9 +428,7 @@ class PostgresGallery:
 
     def count_searchable_identities(self) -> int:
         """Identities with at least one face of the current model (what a 1:N decision compares a probe with)."""
-        return self._count(
-            sql.SQL("SELECT count(DISTINCT identity_id) FROM faces WHERE model_sha256 = {}").format(self._model)
-        )
+        return self._count(sql.SQL("SELECT count(*) FROM templates WHERE model_sha256 = {}").format(self._model))
 
     def count_foreign(self) -> int:
         """Faces enrolled with another model: kept, never compared with the current model's."""
@@ -413,8 +440,9 @@ class PostgresGallery:
     def search(
         self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
     ) -> list[list[Match]]:
-        """For each query (M, D): up to top_k identities, best first, each scored by its best face;
-        only similarities >= threshold when one is given. Queries are L2-normalised here."""
+        """For each query (M, D): up to top_k identities, best first, each scored against its template (the
+        normalised mean of its faces); only similarities >= threshold when one is given. Queries are
+        L2-normalised here."""
         check_search(top_k, threshold)
         q = unit_rows(queries, self.embedding_size, "queries")
         with self._connection() as conn:
@@ -423,59 +451,43 @@ class PostgresGallery:
     def _search_one(
         self, conn: psycopg.Connection, query: np.ndarray, top_k: int, threshold: float | None
     ) -> list[Match]:
-        ef = max(self.ef_search, 4 * top_k)
+        # One template per identity, so the index's nearest rows are the answer itself: no grouping, and the
+        # distances it orders by are exact for the rows it returns. ef_search bounds how many it explores.
+        ef = max(self.ef_search, top_k)
         nearest = sql.SQL(
-            "SELECT identity_id, 1 - ({vector} <=> %s) FROM faces WHERE model_sha256 = {model} "
-            "ORDER BY {vector} <=> %s LIMIT %s"
+            "SELECT t.identity_id, 1 - t.distance, t.faces, i.display_name FROM ("
+            "  SELECT identity_id, {vector} <=> %s AS distance, faces FROM templates WHERE model_sha256 = {model} "
+            "  ORDER BY {vector} <=> %s LIMIT %s"
+            ") t JOIN identities i ON i.id = t.identity_id ORDER BY t.distance, t.identity_id"
         ).format(vector=self._vector, model=self._model)
         with conn.transaction():
             conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
-            rows = conn.execute(nearest, (query, query, ef)).fetchall()
-            candidates = list(dict.fromkeys(identity for identity, _ in rows))
-            # The index's ef faces named too few identities, and more beyond them could pass the threshold:
-            # one person enrolled many times near the query. Only an exact scan can rank the others.
-            exhausted = len(rows) == ef and (threshold is None or rows[-1][1] >= threshold)
-            exact = len(candidates) < top_k and exhausted
-            if not rows:
-                return []
-            where = (
-                sql.SQL("TRUE") if exact else sql.SQL("f.identity_id = ANY(%(candidates)s)")
-            )
-            # Best face per identity, scored exactly (a face the graph missed still counts).
-            best = conn.execute(
-                sql.SQL(
-                    "SELECT DISTINCT ON (f.identity_id) f.identity_id, f.face_id, 1 - (f.embedding <=> %(q)s), "
-                    "i.display_name FROM faces f JOIN identities i ON i.id = f.identity_id "
-                    "WHERE f.model_sha256 = {model} AND {where} "
-                    "ORDER BY f.identity_id, f.embedding <=> %(q)s, f.face_id"
-                ).format(model=self._model, where=where),
-                {"q": query, "candidates": candidates},
-            ).fetchall()
-        best.sort(key=lambda r: (-r[2], r[0]))
+            rows = conn.execute(nearest, (query, query, top_k)).fetchall()
         return [
-            Match(identity_id=i, similarity=float(np.clip(s, -1.0, 1.0)), face_id=f, display_name=name)
-            for i, f, s, name in best
+            Match(identity_id=i, similarity=float(np.clip(s, -1.0, 1.0)), faces=int(k), display_name=name)
+            for i, s, k, name in rows
             if threshold is None or s >= threshold
-        ][:top_k]
+        ]
 
     def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
-        """Best cosine similarity of each query (M, D) to one identity's current-model faces: (M,) float32.
-        NotFound when the identity does not exist; NaN when it has no face of the current model."""
+        """Cosine similarity of each query (M, D) to one identity's template: (M,) float32, the similarity
+        /identify would give it. NotFound when the identity does not exist; NaN when it has no face of the
+        current model."""
         validate_identity_id(identity_id)
         q = unit_rows(queries, self.embedding_size, "queries")
         with self._connection() as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
                 raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
-            stored = conn.execute(
-                sql.SQL("SELECT embedding FROM faces WHERE identity_id = %s AND model_sha256 = {}").format(
+            row = conn.execute(
+                sql.SQL("SELECT total FROM templates WHERE identity_id = %s AND model_sha256 = {}").format(
                     self._model
                 ),
                 (identity_id,),
-            ).fetchall()
-        if not stored:
+            ).fetchone()
+        if row is None:
             return np.full(len(q), np.nan, dtype=np.float32)
-        faces = np.stack([np.asarray(e.to_numpy(), dtype=np.float32) for (e,) in stored])
-        return np.clip(q @ faces.T, -1.0, 1.0).max(axis=1).astype(np.float32)
+        total = np.asarray(row[0].to_numpy(), dtype=np.float64)
+        return np.clip(q @ (total / np.linalg.norm(total)), -1.0, 1.0).astype(np.float32)
 
     def close(self) -> None:
         self._pool.close()

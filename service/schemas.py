@@ -84,7 +84,10 @@ class VerifyOptions(DetectionOptions):
 class IdentifyOptions(DetectOptions):
     top_k: int = Field(5, ge=1, le=100, description="Most identities returned per face.")
     threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Override the match threshold (cosine similarity)."
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Override the threshold the FPIR policy would choose for this gallery (cosine similarity).",
     )
 
 
@@ -190,7 +193,10 @@ class VerifyResponse(BaseModel):
 
 class IdentityMatch(BaseModel):
     identity_id: str
-    similarity: float = Field(description="Best cosine similarity over the identity's enrolled faces.")
+    similarity: float = Field(
+        description="Cosine similarity to the identity's template (the normalised mean of its faces)."
+    )
+    faces: int = Field(description="How many enrolled faces the template averages.")
     display_name: str | None = None
 
 
@@ -200,9 +206,33 @@ class IdentifiedFace(Face):
     )
 
 
+class IdentifyDecision(BaseModel):
+    """How this answer decided who is known: a search compares the face with every enrolled identity, so the
+    chance of naming a stranger grows with their number, and the threshold grows with it."""
+
+    threshold: float = Field(description="The cosine similarity a match needed.")
+    policy: Literal["fpir", "model", "settings", "request"] = Field(
+        description="fpir: set for this gallery size and the target FPIR (FACE_IDENTIFY_FPIR); model: the 1:1 "
+        "threshold, the embedder has no FAR table; settings: FACE_IDENTIFY_THRESHOLD; request: the `threshold` "
+        "option."
+    )
+    gallery_identities: int = Field(description="Identities searched (those with a face of the loaded embedder).")
+    target_fpir: float | None = Field(None, description="The FPIR the policy aims at (policy fpir only).")
+    expected_fpir: float | None = Field(
+        None,
+        description="Predicted chance that a stranger's face is named as someone at this threshold and gallery "
+        "size, from the embedder's FAR table; null without a table. Below the target when the 1:1 threshold, "
+        "the floor, is the higher one.",
+    )
+    extrapolated: bool = Field(
+        False, description="The prediction rests on the FAR table's fitted tail, beyond the rates it measured."
+    )
+
+
 class IdentifyResponse(BaseModel):
     image: ImageInfo
-    threshold: float
+    threshold: float = Field(description="The threshold used (the same as decision.threshold).")
+    decision: IdentifyDecision
     faces: list[IdentifiedFace]
 
 
@@ -277,11 +307,34 @@ class ModelInfo(BaseModel):
     metadata: dict[str, str] = Field(description="The model's ONNX metadata_props, as stored.")
 
 
+class FarTableInfo(BaseModel):
+    impostor_pairs: int = Field(description="Different-person comparisons the rates were counted on.")
+    measured_to: float = Field(description="Highest threshold whose FAR was counted; above it the tail is fitted.")
+    smallest_measured_far: float
+    points: int
+    rule: str = Field(description="How the table was measured: data, pipeline, counting rule.")
+    extrapolation: str = Field(description="How the points beyond measured_to were made.")
+
+
+class IdentifyPolicyInfo(BaseModel):
+    policy: Literal["fpir", "model", "settings"] = Field(
+        description="fpir: threshold set by gallery size and target FPIR; model: the 1:1 threshold (no FAR "
+        "table); settings: FACE_IDENTIFY_THRESHOLD."
+    )
+    target_fpir: float | None = None
+    fixed_threshold: float | None = None
+    floor_threshold: float = Field(description="The 1:1 threshold; the policy never goes below it.")
+    far_table: FarTableInfo | None = Field(None, description="Provenance of the embedder's FAR(t) table.")
+    warning: str | None = Field(None, description="Set when /identify cannot hold an FPIR (no FAR table).")
+    current: IdentifyDecision = Field(description="The decision an /identify would take on the gallery as it is.")
+
+
 class EmbedderInfo(ModelInfo):
     embedding_size: int
-    threshold: float = Field(description="Match threshold in force (FACE_MATCH_THRESHOLD or the model's).")
+    threshold: float = Field(description="1:1 match threshold in force (FACE_MATCH_THRESHOLD or the model's).")
     threshold_source: Literal["settings", "model"]
     flip: bool
+    identify: IdentifyPolicyInfo
 
 
 class GalleryInfo(BaseModel):

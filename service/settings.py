@@ -80,6 +80,21 @@ class Settings(BaseSettings):
         description="Cosine similarity at or above which two faces are the same person. Unset: the "
         "embedder's own face.embedder.threshold (start-up fails if it has none).",
     )
+    identify_fpir: float = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Target false-positive identification rate of /identify: the chance that a stranger is "
+        "named as someone. The threshold rises with the number of enrolled identities to keep it, from the "
+        "embedder's FAR table (face.embedder.far_table); never below the 1:1 threshold.",
+    )
+    identify_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="A fixed /identify threshold instead of the FPIR policy (the chance of naming a stranger "
+        "then grows with the gallery).",
+    )
     detection_score_threshold: float | None = Field(
         None,
         gt=0.0,

@@ -247,3 +247,27 @@ def test_metadata_is_stored_up_to_its_depth_limit(client, faces_dir):
         assert client.get("/identities/deep-ok").json()["face_count"] == 1  # the refused one stored nothing
     finally:
         client.delete("/identities/deep-ok")
+
+
+def test_an_identity_is_matched_through_the_mean_of_its_faces(client, faces_dir):
+    # Two photos of one person: /identify's similarity is the cosine to their normalised mean, and /verify
+    # against the identity gives the same number; deleting one face moves the template to the other photo.
+    enrolled = _enroll(client, faces_dir, "person-t", "img16.jpg", "img17.jpg")
+    assert enrolled["face_count"] == 2
+    probe = photo(faces_dir, "pairs/img16.jpg")
+    verify_two = client.post("/verify", files={"image1": ("p.jpg", probe)}, data={"identity_id": "person-t"}).json()
+    (match,) = [m for m in _identify(client, faces_dir, "img16.jpg")["faces"][0]["matches"]
+                if m["identity_id"] == "person-t"]
+    assert match["faces"] == 2
+    assert match["similarity"] == pytest.approx(verify_two["similarity"], abs=1e-5)
+    same = client.post("/verify", files={"image1": ("a.jpg", probe), "image2": ("b.jpg", probe)}).json()
+    assert same["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert verify_two["similarity"] < 0.999  # the mean of two different photos is not the probe's own embedding
+
+    client.delete(f"/identities/person-t/faces/{enrolled['face_ids'][1]}").raise_for_status()  # img17 goes
+    verify_one = client.post("/verify", files={"image1": ("p.jpg", probe)}, data={"identity_id": "person-t"}).json()
+    assert verify_one["similarity"] == pytest.approx(1.0, abs=1e-4)  # only img16 itself is left
+    (match,) = [m for m in _identify(client, faces_dir, "img16.jpg")["faces"][0]["matches"]
+                if m["identity_id"] == "person-t"]
+    assert match["faces"] == 1 and match["similarity"] == pytest.approx(1.0, abs=1e-4)
+    client.delete("/identities/person-t").raise_for_status()

@@ -36,8 +36,8 @@ def test_gallery_fill_is_searchable(tmp_path):
     suites.fill_gallery(tmp_path / "g.db", 300, 8, "a" * 64, seed=3)
     with Gallery(tmp_path / "g.db", "a" * 64, 8) as gallery:
         assert len(gallery) == 300
-        # Query with a stored vector: it must come back first with similarity 1.
-        stored = gallery._matrix[123].copy()
+        # Query with a stored vector (one face per identity: the template is the face): first, similarity 1.
+        stored = gallery._sums[123].copy()
         (matches,) = gallery.search(stored[None], top_k=3)
         assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
 

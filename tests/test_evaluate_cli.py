@@ -106,3 +106,79 @@ def test_wider_command_runs_the_detector_on_images(default_models, faces_dir, tm
                  "--models-dir", str(default_models), "--out", str(out)]) == 0
     assert json.loads((out / "wider.json").read_text())["ap"]["all"] > 0.99
     assert (out / "predictions" / "0--Couple" / "couple.txt").is_file()
+
+
+@pytest.fixture(scope="module")
+def small_people(lfw_dir, tmp_path_factory):
+    """40 people with two or more photos and 40 with one, from lfw-dev, as a people folder (symlinks)."""
+    root = tmp_path_factory.mktemp("people")
+    people = sorted(p for p in (lfw_dir / "images").iterdir() if p.is_dir())
+    several = [p for p in people if len(list(p.iterdir())) >= 2][:40]
+    single = [p for p in people if len(list(p.iterdir())) == 1][:40]
+    for person in several + single:
+        (root / person.name).symlink_to(person, target_is_directory=True)
+    return root
+
+
+def test_identify_report_and_table_written_into_a_model(default_models, small_people, tmp_path, capsys):
+    import shutil
+
+    from service.decision import FarTable
+    from service.embedder import Embedder
+    from service.onnx_model import file_sha256
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(default_models / "retinaface_mnet025.onnx", models)
+    shutil.copy(default_models / "mobilefacenet_192.onnx", models)
+    before = file_sha256(models / "mobilefacenet_192.onnx")
+    out = tmp_path / "identify"
+    argv = ["identify", "--people", str(small_people), "--models-dir", str(models), "--sizes", "10,20,all",
+            "--repeats", "2", "--out", str(out)]
+    assert main([*argv, "--write-table"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["people"] == 80 and summary["largest_gallery"] == 40 and summary["photos_without_face"] == 0
+    assert [row["identities"] for row in summary["sizes"]] == [10, 20, 40]
+    assert [row["draws"] for row in summary["sizes"]] == [2, 2, 1]
+    for row in summary["sizes"]:
+        assert 0.9 <= row["rank1"] <= 1.0  # 40 well-photographed people: nearly always ranked first
+        assert row["nonmated_searches"] > 0 and row["mated_searches"] > 0
+        assert set(row["fnir_at_fpir"]) == {"0.1", "0.01", "0.001"}
+        assert row["policy"]["threshold"] >= summary["verify_threshold"]
+    assert [r["identities"] for r in summary["serves"]] == [100, 1000, 10000, 100000, 1000000]
+    assert {"baseline", "cohort_tnorm", "margin", "templates_3_photos"} <= set(summary["variants"])
+    for name in ("det.png", "fpir.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    table = FarTable.from_json((out / "far_table.json").read_text())
+    # 80 people: every different-person pair among their photos, counted once.
+    photos = summary["photos_with_face"]
+    assert table.impostor_pairs < photos * (photos - 1) // 2 and table.impostor_pairs > 0.9 * photos * (photos - 1) // 2
+    assert "how large a gallery" in printed and "FNIR@FPIR 0.01" in printed
+
+    # The table is now in the model file, which the service reads; the file's sha256 changed with it.
+    embedder = Embedder(models / "mobilefacenet_192.onnx")
+    assert embedder.sha256 != before and embedder.sha256 == file_sha256(models / "mobilefacenet_192.onnx")
+    assert embedder.far_table is not None and embedder.far_table.impostor_pairs == table.impostor_pairs
+    # The cached embeddings are reused on a second run (keyed by the embedder file, which has changed: embedded
+    # again, so the report's table is measured through the file as it now is).
+    assert main(argv) == 0
+
+
+def test_write_far_table_refuses_a_changed_or_wrong_file(default_models, tmp_path):
+    import shutil
+
+    from evaluate.model_table import write_far_table
+    from export.mobilefacenet_far_table import FAR_TABLE
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(default_models / "mobilefacenet_192.onnx", model)
+    with pytest.raises(ValueError, match="changed since"):
+        write_far_table(model, FAR_TABLE, expected_sha256="0" * 64)
+    shutil.copy(default_models / "retinaface_mnet025.onnx", tmp_path / "d.onnx")
+    with pytest.raises(ValueError, match="not an embedder"):
+        write_far_table(tmp_path / "d.onnx", FAR_TABLE)
+    from service.decision import FarTableError
+
+    with pytest.raises(FarTableError):
+        write_far_table(model, {**FAR_TABLE, "far": list(reversed(FAR_TABLE["far"]))})

@@ -29,22 +29,27 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def template(faces: dict[str, np.ndarray]) -> np.ndarray:
+    """An identity's template: the normalised mean of its (unit) face embeddings."""
+    return unit(np.sum([unit(v) for v in faces.values()], axis=0))
+
+
 def brute_force(enrolled: dict[str, dict[str, np.ndarray]], query: np.ndarray, top_k: int, threshold=None):
-    """The obvious loop: best face per identity, identities by score, threshold applied."""
+    """The obvious loop: each identity's template, identities by score, threshold applied."""
     q = unit(query)
     best = []
     for identity, faces in enrolled.items():
         if not faces:
             continue
-        face_id, score = max(((f, float(unit(v) @ q)) for f, v in faces.items()), key=lambda t: t[1])
+        score = float(template(faces) @ q)
         if threshold is None or score >= threshold:
-            best.append((identity, face_id, score))
+            best.append((identity, len(faces), score))
     best.sort(key=lambda t: -t[2])
     return best[:top_k]
 
 
 def assert_same(matches: list[Match], expected: list[tuple]) -> None:
-    assert [(m.identity_id, m.face_id) for m in matches] == [(i, f) for i, f, _ in expected]
+    assert [(m.identity_id, m.faces) for m in matches] == [(i, k) for i, k, _ in expected]
     np.testing.assert_allclose([m.similarity for m in matches], [s for _, _, s in expected], atol=1e-5)
 
 
@@ -358,10 +363,11 @@ def test_acknowledged_enrolment_survives_kill_9(tmp_path: Path) -> None:
     with Gallery(path, MODEL, D) as g:
         identity = g.get_identity("survivor")
         assert [f.face_id for f in identity.faces] == [face_id] and identity.display_name == "S"
-        assert g.search(np.ones((1, D)), top_k=1)[0][0].face_id == face_id
+        (match,) = g.search(np.ones((1, D)), top_k=1)[0]
+        assert match.identity_id == "survivor" and match.faces == 1 and match.similarity == pytest.approx(1.0)
 
 
-def test_identity_similarity_is_the_best_face_of_that_identity(store: Store) -> None:
+def test_identity_similarity_is_the_identity_template(store: Store) -> None:
     rng = np.random.default_rng(6)
     with store.open(OTHER_MODEL) as old:
         old.enroll("old-only", unit(rng.normal(size=(2, D))))
@@ -369,8 +375,12 @@ def test_identity_similarity_is_the_best_face_of_that_identity(store: Store) -> 
         enrolled = populate(g, rng, people=10)
         queries = rng.normal(size=(4, D))
         for person in ["person-000", "person-007"]:
-            expected = [max(float(unit(v) @ unit(q)) for v in enrolled[person].values()) for q in queries]
+            expected = [float(template(enrolled[person]) @ unit(q)) for q in queries]
             np.testing.assert_allclose(g.identity_similarity(person, queries), expected, atol=1e-5)
+            # The same number /identify gives that identity.
+            for q, e in zip(queries, expected):
+                found = {m.identity_id: m.similarity for m in g.search(q, top_k=10)[0]}
+                assert person not in found or found[person] == pytest.approx(e, abs=1e-5)
         assert np.isnan(g.identity_similarity("old-only", queries)).all()
         with pytest.raises(NotFound):
             g.identity_similarity("nobody", queries)
@@ -384,3 +394,32 @@ def test_a_corrupt_embedding_is_refused_at_load(tmp_path: Path) -> None:
         db.execute("UPDATE faces SET embedding = ?", (b"\x00" * 12,))
     with pytest.raises(ModelError, match="corrupt"):
         Gallery(path, MODEL, D)
+
+
+def test_templates_grow_past_their_capacity_and_follow_every_change(tmp_path: Path) -> None:
+    # More identities than the initial 1024 rows, faces added to existing identities, faces and identities deleted,
+    # then reopened: search stays equal to the brute-force templates at every step.
+    rng = np.random.default_rng(7)
+    enrolled: dict[str, dict[str, np.ndarray]] = {}
+    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
+        for p in range(1100):
+            faces = unit(rng.normal(size=(1, D)))
+            enrolled[f"p{p}"] = dict(zip(g.enroll(f"p{p}", faces), faces))
+        for p in range(0, 1100, 50):  # a second and third face for some
+            faces = unit(rng.normal(size=(2, D)))
+            enrolled[f"p{p}"].update(zip(g.enroll(f"p{p}", faces), faces))
+        for p in range(0, 1100, 100):  # one of those faces deleted again
+            face_id = next(iter(enrolled[f"p{p}"]))
+            g.delete_face(f"p{p}", face_id)
+            del enrolled[f"p{p}"][face_id]
+        for p in range(1, 1100, 7):
+            g.delete_identity(f"p{p}")
+            del enrolled[f"p{p}"]
+        queries = rng.normal(size=(5, D))
+        assert g.count_searchable_identities() == len(enrolled)
+        assert len(g) == sum(len(f) for f in enrolled.values())
+        for query, matches in zip(queries, g.search(queries, top_k=7)):
+            assert_same(matches, brute_force(enrolled, query, 7))
+    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
+        for query, matches in zip(queries, g.search(queries, top_k=7)):
+            assert_same(matches, brute_force(enrolled, query, 7))

@@ -63,8 +63,8 @@ def test_a_copied_gallery_answers_as_the_original(tmp_path: Path, database: str)
             copied.count_identities(), copied.count_faces(), copied.count_foreign(), copied.count_searchable_identities()
         ) == counts
         for want, got in zip(expected, copied.search(queries, top_k=5, threshold=-1.0)):
-            assert [(m.identity_id, m.face_id, m.display_name) for m in got] == [
-                (m.identity_id, m.face_id, m.display_name) for m in want
+            assert [(m.identity_id, m.faces, m.display_name) for m in got] == [
+                (m.identity_id, m.faces, m.display_name) for m in want
             ]
             np.testing.assert_allclose([m.similarity for m in got], [m.similarity for m in want], atol=1e-5)
     with PostgresGallery(database, OLD_MODEL, 128) as old:  # the other model's faces are searchable by it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -15,6 +16,7 @@ from service.schemas import (
     DetectOptions,
     DetectResponse,
     IdentifiedFace,
+    IdentifyDecision,
     IdentifyOptions,
     IdentifyResponse,
     IdentityMatch,
@@ -97,7 +99,7 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
     summary="Are two faces the same person?",
     description=(
         "Compares the largest face (or the face chosen with `face1`/`face2`, in /detect order) of `image1` "
-        "with that of `image2`, or with the enrolled identity `identity_id` (its best-matching face). "
+        "with that of `image2`, or with the enrolled identity `identity_id` (its template: the normalised mean of its faces). "
         "`match` is `similarity >= threshold`. An image without a face is 422 `no_face`, naming the image."
     ),
     responses=error_responses(404, 409),
@@ -153,7 +155,10 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     summary="Who is in this image?",
     description=(
         "For every face: up to `top_k` enrolled identities whose similarity is at or above the threshold, "
-        "best first. An empty `matches` list means nobody we know (never the nearest stranger)."
+        "best first. An empty `matches` list means nobody we know (never the nearest stranger). The threshold "
+        "rises with the number of enrolled identities so that a stranger is named with at most the target "
+        "probability (FACE_IDENTIFY_FPIR, default 1 %); `decision` states the threshold, the gallery size it was "
+        "set for and the expected FPIR. A `threshold` option overrides it."
     ),
     openapi_extra=openapi_body(IdentifyOptions, images=("image",), required=("image",)),
 )
@@ -163,23 +168,24 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
         max_image_bytes=runtime.settings.max_image_bytes,
     )
     options = body.options
-    threshold = runtime.threshold if options.threshold is None else options.threshold
     async with runtime.admitted(body.one("image")):
         image = await runtime.decode(body.one("image"))
         info = image_info(image)
         faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
         del image  # the search below needs only the embeddings
-    results = []
-    if faces:
-        results = await runtime.search(np.stack([f.embedding for f in faces]), options.top_k, threshold)
+    embeddings = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, runtime.embedder.embedding_size))
+    decision, results = await runtime.identify(embeddings, options.top_k, options.threshold)
     return IdentifyResponse(
         image=info,
-        threshold=threshold,
+        threshold=decision.threshold,
+        decision=IdentifyDecision(**asdict(decision)),
         faces=[
             IdentifiedFace(
                 **face_model(face).model_dump(),
                 matches=[
-                    IdentityMatch(identity_id=m.identity_id, similarity=m.similarity, display_name=m.display_name)
+                    IdentityMatch(
+                        identity_id=m.identity_id, similarity=m.similarity, faces=m.faces, display_name=m.display_name
+                    )
                     for m in matches
                 ],
             )

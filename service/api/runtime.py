@@ -21,6 +21,7 @@ from fastapi import Depends, Request
 
 from service.admission import PixelBudget
 from service.api.uploads import ImageUpload
+from service.decision import Decision, IdentifyPolicy
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.errors import FaceServiceError
@@ -69,6 +70,18 @@ class Runtime:
             self.threshold, self.threshold_source = float(settings.match_threshold), "settings"
         else:
             self.threshold, self.threshold_source = float(self.embedder.threshold), "model"
+        # 1:N decisions: the threshold follows the gallery's size to hold the target FPIR (service/decision.py).
+        self.identify_policy = IdentifyPolicy(
+            self.embedder.far_table, settings.identify_fpir, self.threshold, settings.identify_threshold
+        )
+        self.identify_warning: str | None = None
+        if settings.identify_threshold is None and self.embedder.far_table is None:
+            self.identify_warning = (
+                f"{settings.embedder_path.name} carries no face.embedder.far_table: /identify uses the 1:1 "
+                "threshold at every gallery size, so the chance of naming a stranger grows with the gallery. "
+                "Measure a table with `python -m evaluate identify --write-table`, or set FACE_IDENTIFY_THRESHOLD."
+            )
+            log.warning(self.identify_warning)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -187,10 +200,16 @@ class Runtime:
         await self.infer(self._embed, image, faces)
         return faces
 
-    async def search(self, embeddings: np.ndarray, top_k: int, threshold: float):
+    async def identify(
+        self, embeddings: np.ndarray, top_k: int, threshold: float | None
+    ) -> tuple[Decision, list]:
+        """The decision for the gallery as it is now (its searchable identities; `threshold` overrides the
+        policy), and the search under it; both on the gallery thread, one after the other."""
+
         def run():
             with self.metrics.stage("search"):
-                return self.gallery.search(embeddings, top_k=top_k, threshold=threshold)
+                decision = self.identify_policy.decide(self.gallery.count_searchable_identities(), threshold)
+                return decision, self.gallery.search(embeddings, top_k=top_k, threshold=decision.threshold)
 
         return await self.in_gallery(run)
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.runtime import NotReady, RuntimeDep
 from service.schemas import (
     EmbedderInfo,
+    FarTableInfo,
     GalleryInfo,
     Health,
+    IdentifyDecision,
+    IdentifyPolicyInfo,
     ModelInfo,
     ModelsResponse,
     Ready,
@@ -73,6 +78,27 @@ def _model_info(model, file: str) -> dict:
     }
 
 
+def _identify_info(runtime, searchable: int) -> IdentifyPolicyInfo:
+    policy = runtime.identify_policy
+    table = policy.table
+    return IdentifyPolicyInfo(
+        policy=policy.name,
+        target_fpir=policy.target_fpir if policy.name == "fpir" else None,
+        fixed_threshold=policy.fixed_threshold,
+        floor_threshold=policy.verify_threshold,
+        far_table=None if table is None else FarTableInfo(
+            impostor_pairs=table.impostor_pairs,
+            measured_to=table.measured_to,
+            smallest_measured_far=table.smallest_measured_far,
+            points=len(table.thresholds),
+            rule=table.rule,
+            extrapolation=table.extrapolation,
+        ),
+        warning=runtime.identify_warning,
+        current=IdentifyDecision(**asdict(policy.decide(searchable))),
+    )
+
+
 @router.get(
     "/models",
     response_model=ModelsResponse,
@@ -87,6 +113,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
     identities = await runtime.in_gallery(gallery.count_identities)
     faces = await runtime.in_gallery(gallery.count_faces)
     foreign = await runtime.in_gallery(gallery.count_foreign)
+    searchable = await runtime.in_gallery(gallery.count_searchable_identities)
     return ModelsResponse(
         detector=ModelInfo(**_model_info(runtime.detector, runtime.settings.detector_path.name)),
         embedder=EmbedderInfo(
@@ -95,6 +122,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             threshold=runtime.threshold,
             threshold_source=runtime.threshold_source,
             flip=embedder.flip,
+            identify=_identify_info(runtime, searchable),
         ),
         gallery=GalleryInfo(identities=identities, faces=faces, foreign_faces=foreign),
     )
