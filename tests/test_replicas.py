@@ -282,6 +282,8 @@ def test_database_restart_under_load(replicas, postgres, faces_dir, figures):
                 unready: set[str] = set()
                 while time.monotonic() < deadline and len(unready) < len(replicas):
                     unready |= {r.name for r in replicas if ready(r) == 503}
+                # What needs no gallery keeps working: detection.
+                detected = httpx.post(f"{replicas[0].url}/detect", files={"image": probe}, timeout=REQUEST_BOUND_S)
                 time.sleep(2)  # stays down a little longer, under load
             finally:
                 postgres.start()
@@ -311,6 +313,7 @@ def test_database_restart_under_load(replicas, postgres, faces_dir, figures):
         f"x 200 of {len(after)}; slowest request {slowest:.2f} s (bound {REQUEST_BOUND_S:.0f} s)"
     )
     assert len(unready) == len(replicas), "/ready did not turn 503 while the database was down"
+    assert detected.status_code == 200 and len(detected.json()["faces"]) == 1, detected.text
     assert len(back) == len(replicas), "the replicas did not recover after the database came back"
     assert {r[2] for r in results} <= {200, 503}, sorted({r[2] for r in results})  # never a 500
     assert all(r[3] == "not_ready" for r in results if r[2] == 503)
