@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['rss_after_load_mb']:.0f} MiB after the load (peak {m['rss_peak_mb']:.0f})")
 
     # 4. 1:N identification.
-    sha = Embedder(embedder_path).sha256
+    sha = Embedder(embedder_path).model_id  # what the server's gallery tags faces with
     galleries = suites.gallery_search(gallery_sizes, len(query), sha, query, workdir, repeat)
     print("\ngallery search (Gallery.search, top 5, one query, synthetic unit embeddings)")
     for g in galleries:

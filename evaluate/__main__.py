@@ -130,11 +130,23 @@ def cmd_identify(args) -> int:
     if verify_threshold is None:
         print(f"{settings.embedder_path.name} has no face.embedder.threshold: pass --threshold", file=sys.stderr)
         return 2
+    if not 0 < args.target_fpir < 1:
+        print("--target-fpir must be between 0 and 1 (exclusive)", file=sys.stderr)
+        return 2
+    try:
+        sizes = [int(s) if s != "all" else 1 << 62 for s in args.sizes.split(",")]
+    except ValueError:
+        print(f"--sizes must be comma-separated integers or `all`, not {args.sizes!r}", file=sys.stderr)
+        return 2
+    if args.write_table is not None and args.write_table.resolve() == settings.embedder_path.resolve() \
+            and settings.embedder_path.name == "mobilefacenet_192.onnx":
+        print("refusing to write into the default recognizer's file: `make models` rebuilds it with its own "
+              "table; write a copy (--write-table my_embedder.onnx) and serve that", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     people = embed_people(pipeline, args.people, face=args.face, detection_score=settings.detection_score_threshold,
                           max_faces=settings.max_faces, max_pixels=settings.max_image_pixels,
                           cache=args.out / "embeddings.npz", progress=True)
-    sizes = [int(s) if s != "all" else 1 << 62 for s in args.sizes.split(",")]
     rule = (
         f"share of different-person pairs with cosine >= t, over every pair of {people.photos} photos of "
         f"{len(people.names)} people in {Path(args.people).resolve().parent.name}/{Path(args.people).name}, served "
@@ -142,10 +154,14 @@ def cmd_identify(args) -> int:
         f"{settings.embedder_path.name} (sha256 {embedder.sha256[:12]} when measured), mirror averaging "
         f"{'on' if embedder.flip else 'off'}; points every 0.01 backed by at least 10 pairs"
     )
-    report = evaluate_open_set(people, sizes=sizes, repeats=args.repeats, seed=args.seed,
-                               policy=IdentifyPolicy(None, args.target_fpir, verify_threshold),
-                               table_rule=rule, target_fpir=args.target_fpir, per_person=args.per_person,
-                               template=args.template)
+    try:
+        report = evaluate_open_set(people, sizes=sizes, repeats=args.repeats, seed=args.seed,
+                                   policy=IdentifyPolicy(None, args.target_fpir, verify_threshold),
+                                   table_rule=rule, target_fpir=args.target_fpir, per_person=args.per_person,
+                                   template=args.template)
+    except ValueError as exc:  # too few people or pairs for the protocol or the table
+        print(f"{args.people}: {exc}", file=sys.stderr)
+        return 2
     folder = Path(args.people).resolve()
     title = f"{folder.parent.name}/{folder.name}: {settings.embedder_path.name}"
     plot_det(report, args.out / "det.png", f"DET, {title}")
@@ -180,12 +196,18 @@ def cmd_identify(args) -> int:
         print("  " + line)
     print(f"  wrote {args.out / 'det.png'}, {args.out / 'fpir.png'}, {args.out / 'far_table.json'} and "
           f"{args.out / 'summary.json'}")
+    # Where the table stops counting, the policy runs on its fitted tail: say from which gallery size on.
+    tail_from = int(0.01 / max(report.table.smallest_measured_far, 1e-300))
+    print(f"  FAR counted down to {report.table.smallest_measured_far:.2g} ({report.table.impostor_pairs:,} "
+          f"different-person pairs): at a 1 % FPIR target, galleries above ~{tail_from:,} identities rely on the "
+          "fitted tail (answers say extrapolated); more people in the folder count further")
     if args.write_table:
         from evaluate.model_table import write_far_table
 
-        new_sha = write_far_table(settings.embedder_path, table, expected_sha256=embedder.sha256)
-        print(f"  wrote face.embedder.far_table into {settings.embedder_path} (its sha256 is now {new_sha[:12]}: "
-              "faces enrolled with the old file are foreign to it; add the table before enrolling)")
+        new_sha = write_far_table(settings.embedder_path, table, expected_sha256=embedder.sha256,
+                                  out=args.write_table)
+        print(f"  wrote {args.write_table}: {settings.embedder_path.name} with face.embedder.far_table (file "
+              f"sha256 {new_sha[:12]}; its model id, which the gallery tags faces with, is unchanged)")
     return 0
 
 
@@ -304,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("--face", choices=("central", "largest"), default="central",
                        help="which detected face stands for a photo (default: central, for photos cropped around "
                             "their subject as LFW's are; largest, as /enroll's multiple_faces=largest)")
-    ident.add_argument("--write-table", action="store_true",
-                       help="write the measured FAR table into the embedder file's metadata "
-                            "(face.embedder.far_table), so /identify can set its threshold by FPIR")
+    ident.add_argument("--write-table", type=Path, metavar="OUT.onnx",
+                       help="write the embedder with the measured FAR table in its metadata (face.embedder.far_table) "
+                            "to this file, so /identify can set its threshold by FPIR (may be the embedder itself, "
+                            "except the default one, which `make models` rebuilds)")
     _common(ident)
     ident.set_defaults(run=cmd_identify)
 

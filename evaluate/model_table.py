@@ -17,14 +17,18 @@ from service.onnx_model import file_sha256
 FAR_TABLE_KEY = "face.embedder.far_table"
 
 
-def write_far_table(path: str | Path, table: dict, *, expected_sha256: str | None = None) -> str:
-    """Put `table` (FarTable JSON) into the model's metadata; returns the file's new sha256.
+def write_far_table(path: str | Path, table: dict, *, expected_sha256: str | None = None,
+                    out: str | Path | None = None) -> str:
+    """Put `table` (FarTable JSON) into the model's metadata, in `out` (a copy; default: the file itself);
+    returns the written file's sha256. The model id the gallery tags faces with (the graph's sha256) does not
+    change.
 
-    expected_sha256: refuse to touch a file that is not the one the table was measured with.
+    expected_sha256: refuse to use a file that is not the one the table was measured with.
     """
     import onnx
 
     path = Path(path)
+    out = path if out is None else Path(out)
     FarTable.from_json(table)  # refuse to write what the service would refuse to read
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise ValueError(f"{path} changed since it was evaluated; not writing a table measured on another file")
@@ -36,7 +40,7 @@ def write_far_table(path: str | Path, table: dict, *, expected_sha256: str | Non
     del model.metadata_props[:]
     for key in sorted(meta):
         model.metadata_props.add(key=key, value=meta[key])
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return file_sha256(path)
+    os.replace(tmp, out)
+    return file_sha256(out)

@@ -79,7 +79,8 @@ def embed_people(
     root = Path(root)
     people = list_people(root)
     files = [f"{name}/{p.name}" for name, photos in people for p in photos]
-    settings = {"face": face, "detection_score": detection_score, "max_faces": max_faces}
+    settings = {"face": face, "detection_score": detection_score, "max_faces": max_faces,
+                "flip": bool(pipeline.embedder.flip), "max_pixels": max_pixels}
     key = _cache_key(pipeline.embedder.sha256 or "", settings, files)
     if cache is not None and Path(cache).is_file():
         with np.load(cache, allow_pickle=False) as z:

@@ -35,6 +35,9 @@ class FarTableError(ValueError):
     """The table in the metadata is not usable (shape, order or range)."""
 
 
+MAX_POINTS = 10_000  # a table is a few hundred points; more is a mistake (and would bloat /models)
+
+
 @dataclass(frozen=True)
 class FarTable:
     """Per-comparison false-accept rate FAR(t) at increasing thresholds t (non-increasing rates).
@@ -53,22 +56,37 @@ class FarTable:
 
     @classmethod
     def from_json(cls, value: str | dict[str, Any]) -> FarTable:
-        data = json.loads(value) if isinstance(value, str) else value
+        try:
+            data = json.loads(value) if isinstance(value, str) else value
+        except (ValueError, RecursionError) as exc:  # bad JSON, absurd nesting, a 5,000-digit number
+            raise FarTableError(f"the FAR table is not readable JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict):
             raise FarTableError("the FAR table must be a JSON object")
+        missing = {"thresholds", "far", "measured_to", "impostor_pairs"} - set(data)
+        if missing:
+            raise FarTableError(f"the FAR table needs thresholds, far, measured_to, impostor_pairs (missing "
+                                f"{sorted(missing)})")
+        t, far = data["thresholds"], data["far"]
+        if not (isinstance(t, list) and isinstance(far, list) and 2 <= len(t) == len(far) <= MAX_POINTS):
+            raise FarTableError(f"thresholds and far must be lists of the same length, 2 to {MAX_POINTS}")
+        numbers = [*t, *far, data["measured_to"]]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+            raise FarTableError("thresholds, far and measured_to must be numbers")
+        pairs = data["impostor_pairs"]
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or not 1 <= pairs <= 10**15:
+            raise FarTableError("impostor_pairs must be a positive integer")
         try:
-            t = np.asarray(data["thresholds"], dtype=np.float64)
-            far = np.asarray(data["far"], dtype=np.float64)
+            t = np.asarray(t, dtype=np.float64)
+            far = np.asarray(far, dtype=np.float64)
             measured_to = float(data["measured_to"])
-            pairs = int(data["impostor_pairs"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FarTableError(f"the FAR table needs thresholds, far, measured_to, impostor_pairs ({exc})") from None
-        if t.ndim != 1 or t.shape != far.shape or len(t) < 2:
-            raise FarTableError("thresholds and far must be lists of the same length, at least 2")
-        if not (np.isfinite(t).all() and np.isfinite(far).all()):
+        except (OverflowError, ValueError) as exc:
+            raise FarTableError(f"the FAR table holds numbers out of range ({exc})") from None
+        if not (np.isfinite(t).all() and np.isfinite(far).all() and math.isfinite(measured_to)):
             raise FarTableError("the FAR table holds non-finite numbers")
-        if not (np.diff(t) > 0).all() or t[0] < -1 or t[-1] > 1:
-            raise FarTableError("thresholds must increase strictly within [-1, 1]")
+        # A minimum spacing, not just strictly increasing: two thresholds 1e-16 apart would make interpolation
+        # between them meaningless.
+        if not (np.diff(t) >= 1e-6).all() or t[0] < -1 or t[-1] > 1:
+            raise FarTableError("thresholds must increase (by 1e-6 or more) within [-1, 1]")
         if not ((far > 0) & (far <= 1)).all() or (np.diff(far) > 0).any():
             raise FarTableError("far must be rates in (0, 1] that never increase with the threshold")
         if not t[0] <= measured_to <= t[-1] or pairs < 1:
@@ -90,10 +108,12 @@ class FarTable:
         return float(self.far_at(self.measured_to))
 
     def far_at(self, threshold: float) -> float:
-        """FAR at a threshold: log-linear between points; the first rate below the table, the last one's
-        slope continued above it (never 0: a rate the data cannot show is not a rate of zero)."""
+        """FAR at a threshold: log-linear between points; 1 below the table (it says nothing there, so assume the
+        worst), the last one's slope continued above it (never 0: a rate the data cannot show is not zero)."""
         t, log_far = self.thresholds, np.log(self.far)
-        if threshold <= t[0]:
+        if threshold < t[0]:
+            return 1.0
+        if threshold == t[0]:
             return float(self.far[0])
         if threshold >= t[-1]:
             slope = (log_far[-1] - log_far[-2]) / (t[-1] - t[-2])
@@ -177,10 +197,15 @@ class IdentifyPolicy:
             chosen = float(threshold if threshold is not None else self.fixed_threshold)
             expected, extrapolated = self.expected_fpir(chosen, identities)
             return Decision(chosen, source if threshold is not None else self.fixed_source, identities, None,
-                            expected, extrapolated)
+                            _rounded(expected), extrapolated)
         if self.table is None:
             return Decision(self.verify_threshold, "model", identities, None, None, False)
         wanted = self.table.threshold_for(far_for_fpir(self.target_fpir, identities))
         chosen = max(self.verify_threshold, wanted)
         expected, extrapolated = self.expected_fpir(chosen, identities)
-        return Decision(chosen, "fpir", identities, self.target_fpir, expected, extrapolated)
+        return Decision(chosen, "fpir", identities, self.target_fpir, _rounded(expected), extrapolated)
+
+
+def _rounded(x: float | None) -> float | None:
+    """Six significant digits: a prediction, not a measurement to the last bit (0.01, not 0.009999999999999997)."""
+    return None if x is None else float(f"{x:.6g}")

@@ -16,7 +16,14 @@ import onnxruntime as ort
 
 from service.decision import FarTable, FarTableError
 from service.errors import InvalidParameter, ModelError
-from service.onnx_model import ModelMetadata, check_io, create_session, file_sha256, read_metadata
+from service.onnx_model import (
+    ModelMetadata,
+    check_io,
+    create_session,
+    file_sha256,
+    model_identity,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +57,16 @@ class Embedder:
             self.session = model
             self.path: Path | None = None
             self.sha256 = sha256
+            # No file to read the graph from: the caller's sha256 is the identity, with no earlier ones.
+            self.model_id, self.earlier_ids = sha256, []
             source = "embedder session"
         else:
             self.path = Path(model)
             self.session = create_session(self.path, options=session_options)
             self.sha256 = sha256 or file_sha256(self.path)
+            # What the gallery tags embeddings with: the graph's sha256, so that a metadata change (a new FAR
+            # table, a threshold) keeps enrolled faces comparable; earlier_ids are the tags older releases wrote.
+            self.model_id, self.earlier_ids = model_identity(self.path)
             source = self.path.name
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -85,6 +97,18 @@ class Embedder:
             self.far_table: FarTable | None = None if table is None else FarTable.from_json(table)
         except FarTableError as exc:
             raise meta.error("face.embedder.far_table", str(exc)) from None
+        # The table and the 1:1 figures in one file should tell one story: a table claiming a FAR ten times
+        # off the measured face.embedder.far at the threshold was measured on something else (or forged).
+        self.far_table_warning: str | None = None
+        far_1to1 = meta.number("face.embedder.far", optional=True, low=0, high=1)
+        if self.far_table is not None and self.threshold is not None and far_1to1:
+            table_far = self.far_table.far_at(self.threshold)
+            if not far_1to1 / 10 <= table_far <= far_1to1 * 10:
+                self.far_table_warning = (
+                    f"{source}: its FAR table gives {table_far:.3g} at the 1:1 threshold {self.threshold}, but "
+                    f"face.embedder.far says {far_1to1:.3g}; expected FPIRs rest on the table, check how it was made"
+                )
+                log.warning(self.far_table_warning)
         self.flip: bool = meta.boolean("face.embedder.flip", default=False) if flip is None else bool(flip)
 
         # (pixel - mean) / std == pixel * scale + offset, in the network's channel order.

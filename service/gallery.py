@@ -186,14 +186,17 @@ def _postgres():
     return pg_gallery
 
 
-def open_gallery(url: str, model_sha256: str, embedding_size: int, *, timeout_s: float = 5.0) -> GalleryStore:
-    """The store a FACE_GALLERY_URL names (service.settings.gallery_store parses it)."""
+def open_gallery(url: str, model_sha256: str, embedding_size: int, *, timeout_s: float = 5.0,
+                 earlier_ids: Sequence[str] = ()) -> GalleryStore:
+    """The store a FACE_GALLERY_URL names (service.settings.gallery_store parses it). earlier_ids: tags the same
+    network's faces carried before (see Gallery), re-tagged as model_sha256's when the store opens."""
     from service.settings import gallery_store
 
     store, where = gallery_store(url)
     if store == "sqlite":
-        return Gallery(where, model_sha256, embedding_size)
-    return _postgres().PostgresGallery(where, model_sha256, embedding_size, timeout_s=timeout_s)
+        return Gallery(where, model_sha256, embedding_size, earlier_ids=earlier_ids)
+    return _postgres().PostgresGallery(where, model_sha256, embedding_size, timeout_s=timeout_s,
+                                       earlier_ids=earlier_ids)
 
 
 def check_gallery(url: str, *, timeout_s: float = 5.0) -> None:
@@ -280,7 +283,11 @@ class Gallery:
 
     concurrency = 1  # one connection, one lock: a second thread would only wait
 
-    def __init__(self, path: str | Path, model_sha256: str, embedding_size: int):
+    def __init__(self, path: str | Path, model_sha256: str, embedding_size: int, *,
+                 earlier_ids: Sequence[str] = ()):
+        """model_sha256: the embedder's model id (service.onnx_model.model_identity). earlier_ids: ids the same
+        network's faces were tagged with before (older releases keyed them by the whole file's sha256); such
+        faces are re-tagged as this model's when the gallery opens."""
         if not model_sha256:
             raise ValueError("model_sha256 is required: it keeps embeddings of different models apart")
         self.path = Path(path)
@@ -299,12 +306,28 @@ class Gallery:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        self._retag(earlier_ids)
         self._load()
 
     # -- in-memory index -------------------------------------------------------------------------------------
     # One row per searchable identity: the sum of its current-model face embeddings (`_sums`), that sum's length
     # (`_norms`) and its face count. The identity's template is sum / norm, so a query's similarity to it is
     # (q . sum) / norm: one matrix product over identities, not faces.
+
+    def _retag(self, earlier_ids: Sequence[str]) -> None:
+        others = sorted({s for s in earlier_ids if s and s != self.model_sha256})
+        if not others:
+            return
+        with self._transaction() as db:
+            moved = db.execute(
+                f"UPDATE faces SET model_sha256 = ? WHERE model_sha256 IN ({','.join('?' * len(others))})",
+                (self.model_sha256, *others),
+            ).rowcount
+        if moved:
+            log.warning(
+                "gallery %s: %d faces tagged with an earlier id of this same network (%s) re-tagged as model %s",
+                self.path, moved, ", ".join(s[:12] for s in others), self.model_sha256[:12],
+            )
 
     def _load(self) -> None:
         started = time.perf_counter()

@@ -26,12 +26,96 @@ COLORS = ("RGB", "BGR")
 
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes: the identity of a model (the gallery keys embeddings by it)."""
+    """Hex sha256 of a file's bytes (what `sha256sum` prints)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ModelProto's field numbers (onnx.proto): metadata_props is 14; StringStringEntryProto's key is 1.
+_METADATA_FIELD = 14
+_KEY_FIELD = 1
+
+
+def _varint(data, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or oversized varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def protobuf_fields(data) -> list[tuple[int, int, int, int, int]]:
+    """The top-level fields of a serialized protobuf message: (field number, start, end, payload start,
+    payload end), where start..end is the whole record and the payload is a length-delimited field's bytes."""
+    fields, pos = [], 0
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+            payload = (pos, pos)
+        elif wire == 1:
+            pos += 8
+            payload = (pos, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            payload = (pos, pos + length)
+            pos += length
+        elif wire == 5:
+            pos += 4
+            payload = (pos, pos)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated protobuf field")
+        fields.append((number, start, pos, *payload))
+    return fields
+
+
+def model_identity(path: str | Path, *, ignored_metadata: Sequence[str] = ("face.embedder.far_table",)
+                   ) -> tuple[str, list[str]]:
+    """(model id, earlier ids of the same model) for the gallery.
+
+    The id is the sha256 of the file without its `metadata_props`: the network's graph and weights. Embeddings
+    are comparable exactly when that is the same, so metadata that describes how to use a network (thresholds,
+    a FAR table) can change without making every enrolled face foreign. Earlier releases tagged faces with the
+    whole file's sha256; the earlier ids are that, and that of this file without the `ignored_metadata` entries
+    (the file as it was before such an entry was added), so a gallery can re-tag those faces as this model's.
+    Reads the protobuf's top level only (no `onnx` package in the service).
+    """
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            fields = protobuf_fields(data)
+        except ValueError as exc:
+            raise ModelError(f"{path}: not an ONNX protobuf ({exc})", details={"path": str(path)}) from None
+        graph, whole, without = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        try:
+            for number, start, end, payload_start, payload_end in fields:
+                with memoryview(data)[start:end] as record:  # hashed in place: no copy of a large graph
+                    whole.update(record)
+                    if number != _METADATA_FIELD:
+                        graph.update(record)
+                        without.update(record)
+                        continue
+                entry = bytes(data[payload_start:payload_end])  # one metadata entry: small
+                key = next((entry[s:e] for n, _, _, s, e in protobuf_fields(entry) if n == _KEY_FIELD), b"")
+                if key.decode("utf-8", "replace") not in ignored_metadata:
+                    without.update(data[start:end])
+        except ValueError as exc:
+            raise ModelError(f"{path}: not an ONNX protobuf ({exc})", details={"path": str(path)}) from None
+    earlier = sorted({whole.hexdigest(), without.hexdigest()})
+    return graph.hexdigest(), earlier
 
 
 def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0) -> ort.SessionOptions:
@@ -115,6 +199,8 @@ class ModelMetadata(Mapping[str, str]):
             return json.loads(self.text(key))
         except json.JSONDecodeError as exc:
             raise self.error(key, f"is not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, absurd nesting
+            raise self.error(key, f"is not usable JSON ({type(exc).__name__})") from None
 
     def number(self, key: str, *, optional: bool = False, low: float = -math.inf, high: float = math.inf):
         """A finite float in [low, high]; None when optional and absent."""

@@ -217,6 +217,7 @@ class PostgresGallery:
         timeout_s: float = 5.0,
         pool_size: int = POOL_SIZE,
         ef_search: int = EF_SEARCH,
+        earlier_ids: Sequence[str] = (),
     ):
         if not _SHA256.fullmatch(model_sha256 or ""):
             raise ValueError("model_sha256 must be a sha256 in hex: it keeps embeddings of different models apart")
@@ -227,6 +228,7 @@ class PostgresGallery:
         self.url = url
         self.timeout_s = float(timeout_s)
         prepare_database(url, model_sha256, self.embedding_size, timeout_s)
+        self._retag(earlier_ids)
         self._model = sql.Literal(model_sha256)  # a literal, not a parameter: the planner must see the
         self._vector = sql.SQL("total::vector({})").format(self.embedding_size)  # the partial index's terms
         self._pool = ConnectionPool(
@@ -249,6 +251,38 @@ class PostgresGallery:
             self._pool.close()
             raise GallerySetupError(f"FACE_GALLERY_URL: cannot connect to {redact(url)}: {exc}") from None
         log.info("gallery: PostgreSQL %s, model %s, ef_search %d", redact(url), model_sha256[:12], ef_search)
+
+    def _retag(self, earlier_ids: Sequence[str]) -> None:
+        """Faces the same network's earlier ids tagged (older releases keyed them by the whole file's sha256)
+        become this model's, their identities' templates rebuilt; one transaction, before serving."""
+        others = sorted({s for s in earlier_ids if s and s != self.model_sha256})
+        if not others:
+            return
+        try:
+            with psycopg.connect(self.url, autocommit=True, **_connection_options(self.url, self.timeout_s)) as conn:
+                register_vector(conn)
+                with conn.transaction():
+                    moved = conn.execute(
+                        "WITH moved AS (UPDATE faces SET model_sha256 = %s WHERE model_sha256 = ANY(%s) "
+                        "RETURNING identity_id) SELECT DISTINCT identity_id FROM moved",
+                        (self.model_sha256, others),
+                    ).fetchall()
+                    touched = [identity for (identity,) in moved]
+                    if touched:
+                        conn.execute("DELETE FROM templates WHERE identity_id = ANY(%s)", (touched,))
+                        conn.execute(
+                            "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                            "SELECT identity_id, model_sha256, sum(embedding), count(*) FROM faces "
+                            "WHERE identity_id = ANY(%s) GROUP BY identity_id, model_sha256",
+                            (touched,),
+                        )
+        except psycopg.Error as exc:
+            raise GallerySetupError(f"FACE_GALLERY_URL: cannot re-tag earlier faces in {redact(self.url)}: {exc}") \
+                from None
+        if touched:
+            log.warning("gallery: faces of %d identities tagged with an earlier id of this same network (%s) "
+                        "re-tagged as model %s", len(touched), ", ".join(s[:12] for s in others),
+                        self.model_sha256[:12])
 
     def _configure(self, conn: psycopg.Connection) -> None:
         register_vector(conn)

@@ -255,7 +255,10 @@ class EnrollResponse(BaseModel):
 class StoredFace(BaseModel):
     face_id: str
     created_at: datetime
-    model_sha256: str = Field(description="sha256 of the embedder file that made this face's embedding.")
+    model_sha256: str = Field(
+        description="Id of the embedder that made this face's embedding: the sha256 of its graph (the ONNX file "
+        "without its metadata), so a new FAR table or threshold in the file keeps faces comparable."
+    )
     current_model: bool = Field(description="Made by the loaded embedder (false: kept, never matched).")
     source: dict[str, Any] | None = Field(None, description="Where the face came from (file name, box).")
 
@@ -330,6 +333,9 @@ class IdentifyPolicyInfo(BaseModel):
 
 
 class EmbedderInfo(ModelInfo):
+    model_id: str = Field(
+        description="What the gallery tags this embedder's faces with: the sha256 of the file without its metadata."
+    )
     embedding_size: int
     threshold: float = Field(description="1:1 match threshold in force (FACE_MATCH_THRESHOLD or the model's).")
     threshold_source: Literal["settings", "model"]

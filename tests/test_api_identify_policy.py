@@ -12,7 +12,7 @@ from api_support import api_client, photo
 from benchmarks.suites import fill_gallery
 from service.decision import FarTable, IdentifyPolicy, fpir
 from service.embedder import Embedder
-from service.onnx_model import file_sha256
+from service.onnx_model import model_identity
 
 SYNTHETIC = 5_000
 
@@ -35,7 +35,7 @@ def default_table(embedder_file) -> FarTable:
 @pytest.fixture(scope="module")
 def crowded(models_dir, faces_dir, embedder_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("crowded")
-    fill_gallery(folder / "gallery.db", SYNTHETIC, 192, file_sha256(embedder_file), seed=11)
+    fill_gallery(folder / "gallery.db", SYNTHETIC, 192, model_identity(embedder_file)[0], seed=11)
     with api_client(models_dir, folder) as client:
         yield client
 
@@ -136,3 +136,66 @@ def test_bad_policy_settings_are_refused(models_dir):
     for bad in ({"identify_fpir": 0}, {"identify_fpir": 1}, {"identify_fpir": -0.1}, {"identify_threshold": 1.5}):
         with pytest.raises(ValidationError):
             Settings(models_dir=models_dir, **bad)
+
+
+def test_a_new_far_table_keeps_enrolled_faces_comparable(models_dir, faces_dir, tmp_path, embedder_file):
+    """The gallery tags faces with the graph's sha256, not the file's: writing a FAR table (or any metadata) into
+    the embedder changes the file but not its model id. Faces an older release tagged with the whole file's
+    sha256, of this file or of the same file before its table was added, are re-tagged when the gallery opens."""
+    import sqlite3
+
+    import onnx
+
+    from evaluate.model_table import write_far_table
+    from export.mobilefacenet_far_table import FAR_TABLE
+    from service.onnx_model import file_sha256
+
+    model = onnx.load(str(embedder_file))
+    kept = [p for p in model.metadata_props if p.key != "face.embedder.far_table"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    bare = tmp_path / "models"
+    bare.mkdir()
+    onnx.save(model, str(bare / "mobilefacenet_192.onnx"))
+    (bare / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    bare_file_sha = file_sha256(bare / "mobilefacenet_192.onnx")
+    assert model_identity(bare / "mobilefacenet_192.onnx")[0] == model_identity(embedder_file)[0]
+
+    with api_client(bare, tmp_path / "g") as client:  # enrol with the table-less file
+        client.post("/enroll", data={"identity_id": "a"},
+                    files=[("images", ("img20.jpg", photo(faces_dir, "pairs/img20.jpg")))]).raise_for_status()
+        before = identify(client, faces_dir, "img21.jpg")["faces"][0]["matches"]
+    # As an older release would have left it: the face tagged with the table-less file's sha256.
+    with sqlite3.connect(tmp_path / "g" / "gallery.db") as db:
+        db.execute("UPDATE faces SET model_sha256 = ?", (bare_file_sha,))
+
+    write_far_table(bare / "mobilefacenet_192.onnx", FAR_TABLE)  # the file changes, the model id does not
+    assert file_sha256(bare / "mobilefacenet_192.onnx") != bare_file_sha
+    with api_client(bare, tmp_path / "g") as client:
+        models = client.get("/models").json()
+        assert models["gallery"] == {"identities": 1, "faces": 1, "foreign_faces": 0}
+        assert models["embedder"]["model_id"] == model_identity(embedder_file)[0]
+        after = identify(client, faces_dir, "img21.jpg")["faces"][0]["matches"]
+        assert [m["identity_id"] for m in after] == ["a"] == [m["identity_id"] for m in before]
+        assert after[0]["similarity"] == pytest.approx(before[0]["similarity"], abs=1e-6)
+        stored = client.get("/identities/a").json()["faces"][0]
+        assert stored["model_sha256"] == models["embedder"]["model_id"] and stored["current_model"]
+
+
+def test_a_far_table_at_odds_with_the_files_own_far_is_flagged(models_dir, tmp_path, embedder_file):
+    import json
+
+    import onnx
+
+    model = onnx.load(str(embedder_file))
+    forged = {"thresholds": [0.0, 1.0], "far": [1e-30, 1e-31], "measured_to": 1.0, "impostor_pairs": 10}
+    for p in model.metadata_props:
+        if p.key == "face.embedder.far_table":
+            p.value = json.dumps(forged)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(model, str(folder / "mobilefacenet_192.onnx"))
+    (folder / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    with api_client(folder, tmp_path / "g") as client:
+        warning = client.get("/models").json()["embedder"]["identify"]["warning"]
+        assert warning and "face.embedder.far says 0.0027" in warning

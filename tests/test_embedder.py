@@ -214,3 +214,30 @@ def test_default_embedder_on_real_faces(
     expected = unit(raw(batch) + raw(np.ascontiguousarray(batch[:, :, ::-1])))
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
     assert np.abs(flipped - emb).max() > 1e-3
+
+
+def test_model_identity_ignores_metadata_and_refuses_broken_files(models_dir, tmp_path):
+    import hashlib
+
+    import onnx
+    import pytest as _pytest
+
+    from service.errors import ModelError
+    from service.onnx_model import file_sha256, model_identity
+
+    path = models_dir / "mobilefacenet_192.onnx"
+    if not path.is_file():
+        _pytest.skip("default embedder not built")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    graph_only = hashlib.sha256(model.SerializeToString()).hexdigest()
+    model_id, earlier = model_identity(path)
+    assert model_id == graph_only  # what onnx itself serialises without metadata
+    assert file_sha256(path) in earlier
+    model.metadata_props.add(key="face.note", value="x" * 1000)
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    assert model_identity(tmp_path / "other.onnx")[0] == graph_only
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with _pytest.raises(ModelError, match="not an ONNX protobuf"):
+        model_identity(truncated)

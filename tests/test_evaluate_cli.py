@@ -125,7 +125,7 @@ def test_identify_report_and_table_written_into_a_model(default_models, small_pe
 
     from service.decision import FarTable
     from service.embedder import Embedder
-    from service.onnx_model import file_sha256
+    from service.onnx_model import file_sha256, model_identity
 
     models = tmp_path / "models"
     models.mkdir()
@@ -135,7 +135,10 @@ def test_identify_report_and_table_written_into_a_model(default_models, small_pe
     out = tmp_path / "identify"
     argv = ["identify", "--people", str(small_people), "--models-dir", str(models), "--sizes", "10,20,all",
             "--repeats", "2", "--out", str(out)]
-    assert main([*argv, "--write-table"]) == 0
+    # Writing into the default recognizer's own file is refused: `make models` would silently rebuild it.
+    assert main([*argv, "--write-table", str(models / "mobilefacenet_192.onnx")]) == 2
+    assert "make models" in capsys.readouterr().err
+    assert main([*argv, "--write-table", str(models / "mine.onnx")]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["people"] == 80 and summary["largest_gallery"] == 40 and summary["photos_without_face"] == 0
@@ -154,15 +157,15 @@ def test_identify_report_and_table_written_into_a_model(default_models, small_pe
     # 80 people: every different-person pair among their photos, counted once.
     photos = summary["photos_with_face"]
     assert table.impostor_pairs < photos * (photos - 1) // 2 and table.impostor_pairs > 0.9 * photos * (photos - 1) // 2
-    assert "how large a gallery" in printed and "FNIR@FPIR 0.01" in printed
+    assert "how large a gallery" in printed and "FNIR@FPIR 0.01" in printed and "fitted tail" in printed
 
-    # The table is now in the model file, which the service reads; the file's sha256 changed with it.
-    embedder = Embedder(models / "mobilefacenet_192.onnx")
-    assert embedder.sha256 != before and embedder.sha256 == file_sha256(models / "mobilefacenet_192.onnx")
+    # The copy carries the table, which the service reads; its file sha256 differs, its model id does not.
+    embedder = Embedder(models / "mine.onnx")
+    assert file_sha256(models / "mobilefacenet_192.onnx") == before
+    assert embedder.sha256 != before and embedder.model_id == model_identity(models / "mobilefacenet_192.onnx")[0]
     assert embedder.far_table is not None and embedder.far_table.impostor_pairs == table.impostor_pairs
-    # The cached embeddings are reused on a second run (keyed by the embedder file, which has changed: embedded
-    # again, so the report's table is measured through the file as it now is).
-    assert main(argv) == 0
+    # Bad options are one line on stderr, not a traceback.
+    assert main([*argv, "--target-fpir", "0"]) == 2 and main([*argv, "--sizes", "abc"]) == 2
 
 
 def test_write_far_table_refuses_a_changed_or_wrong_file(default_models, tmp_path):

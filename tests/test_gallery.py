@@ -60,8 +60,8 @@ class Store:
     def __init__(self, kind: str, url: str):
         self.kind, self.url = kind, url
 
-    def open(self, model: str = MODEL) -> GalleryStore:
-        return open_gallery(self.url, model, D)
+    def open(self, model: str = MODEL, earlier_ids=()) -> GalleryStore:
+        return open_gallery(self.url, model, D, earlier_ids=earlier_ids)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -423,3 +423,25 @@ def test_templates_grow_past_their_capacity_and_follow_every_change(tmp_path: Pa
     with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
         for query, matches in zip(queries, g.search(queries, top_k=7)):
             assert_same(matches, brute_force(enrolled, query, 7))
+
+
+def test_faces_tagged_with_an_earlier_id_of_the_same_model_are_retagged(store: Store) -> None:
+    # Older releases tagged faces with the embedder file's sha256; the model id now is its graph's. Opening with
+    # the earlier ids moves those faces (and their templates) to the current id; other models' faces stay apart.
+    rng = np.random.default_rng(8)
+    earlier = "c" * 64
+    faces = unit(rng.normal(size=(3, D)))
+    with store.open(earlier) as old:
+        old.enroll("alice", faces[:2])
+    with store.open(OTHER_MODEL) as other:
+        other.enroll("bob", faces[2:])
+    with store.open(MODEL) as g:  # without the earlier ids: alice's faces are foreign
+        assert (len(g), g.count_foreign(), g.count_searchable_identities()) == (0, 3, 0)
+    with store.open(MODEL, earlier_ids=[earlier, "d" * 64]) as g:
+        assert (len(g), g.count_foreign(), g.count_searchable_identities()) == (2, 1, 1)
+        (match,) = g.search(faces[0], top_k=5)[0]
+        assert match.identity_id == "alice" and match.faces == 2
+        assert match.similarity == pytest.approx(float(template({"a": faces[0], "b": faces[1]}) @ faces[0]), abs=1e-5)
+        assert all(f.current_model for f in g.get_identity("alice").faces)
+    with store.open(MODEL) as g:  # done once, for good
+        assert (len(g), g.count_foreign()) == (2, 1)

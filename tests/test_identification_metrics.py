@@ -168,6 +168,16 @@ def test_far_table_interpolation_and_inverse():
     {"thresholds": [0.1], "far": [0.1], "measured_to": 0.1, "impostor_pairs": 5},
     {"thresholds": [0.1, 0.2], "far": [0.1, 0.01]},
     "[1, 2]",
+    # Found by an attacker's review: wrong types, absurd sizes, near-equal thresholds, hostile JSON.
+    {"thresholds": ["0.1", "0.2"], "far": [0.1, 0.01], "measured_to": 0.1, "impostor_pairs": 5},
+    {"thresholds": [0.1, 0.2], "far": [0.1, 0.01], "measured_to": 0.1, "impostor_pairs": True},
+    {"thresholds": [0.1, 0.2], "far": [0.1, 0.01], "measured_to": 0.1, "impostor_pairs": 10**400},
+    {"thresholds": [0.5, 0.5 + 1e-16], "far": [0.5, 1e-10], "measured_to": 0.5, "impostor_pairs": 5},
+    {"thresholds": list(np.linspace(0, 1, 10_001)), "far": list(np.linspace(1, 1e-9, 10_001)), "measured_to": 0.5,
+     "impostor_pairs": 5},
+    '{"thresholds": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '{"impostor_pairs": ' + "9" * 5000 + "}",
+    '{"thresholds": [0.1, 0.2], "far": [0.1, 0.01], "measured_to": 0.1, "impostor_pairs": 1e999}',
 ])
 def test_bad_far_tables_are_refused(bad):
     with pytest.raises(FarTableError):

@@ -74,7 +74,7 @@ class Runtime:
         self.identify_policy = IdentifyPolicy(
             self.embedder.far_table, settings.identify_fpir, self.threshold, settings.identify_threshold
         )
-        self.identify_warning: str | None = None
+        self.identify_warning: str | None = getattr(self.embedder, "far_table_warning", None)
         if settings.identify_threshold is None and self.embedder.far_table is None:
             self.identify_warning = (
                 f"{settings.embedder_path.name} carries no face.embedder.far_table: /identify uses the 1:1 "
@@ -104,9 +104,10 @@ class Runtime:
             gallery = await asyncio.to_thread(
                 open_gallery,
                 settings.gallery_url,
-                embedder.sha256,
+                embedder.model_id,
                 embedder.embedding_size,
                 timeout_s=settings.gallery_timeout_s,
+                earlier_ids=embedder.earlier_ids,
             )
             # SQLite: one thread (one connection, one lock). PostgreSQL: as many as its connection pool holds.
             gallery_pool = ThreadPoolExecutor(gallery.concurrency, thread_name_prefix="gallery")

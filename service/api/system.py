@@ -118,6 +118,7 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
         detector=ModelInfo(**_model_info(runtime.detector, runtime.settings.detector_path.name)),
         embedder=EmbedderInfo(
             **_model_info(embedder, runtime.settings.embedder_path.name),
+            model_id=embedder.model_id,
             embedding_size=embedder.embedding_size,
             threshold=runtime.threshold,
             threshold_source=runtime.threshold_source,
