@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the code paths, not the speed")
     parser.add_argument("--no-peer", action="store_true", help="skip face_recognition")
     parser.add_argument("--gallery-sizes", default="10000,100000,1000000")
+    parser.add_argument("--pg-sizes", default="100000",
+                        help="PostgreSQL gallery sizes (benchmarks/pg_search.py); empty to skip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -154,6 +156,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rss_mb']:.0f} MiB (peak {r['rss_peak_mb']:.0f}), ready in {r['startup_s']:.1f} s")
     shutil.rmtree(workdir, ignore_errors=True)
 
+    # 4b. 1:N identification in PostgreSQL (pgvector HNSW) against exact search.
+    from benchmarks import pg_search
+
+    pg_sizes = (2000,) if quick else tuple(int(s) for s in args.pg_sizes.split(",") if s)
+    pg_rows, pg_http = [], []
+    if pg_sizes:
+        print("\ngallery search in PostgreSQL (PostgresGallery.search, top 5, clustered gallery) vs exact")
+        pg_rows, pg_http = pg_search.run(
+            pg_sizes, (100,) if quick else (40, 100, 200), 20 if quick else 200, repeat, model=sha,
+            server_env={k: v for k, v in env.items() if k != "FACE_GALLERY_PATH"}, query_jpeg=suites.jpeg(portrait_a),
+            requests=3 if quick else 60,
+        )
+
     # 5. JPEG decoding libraries.
     decoders = suites.jpeg_decoders(args.photos / "pairs" / "img1.jpg", 3 if quick else 20)
     print("\nJPEG decoding (bytes -> BGR array, one thread)")
@@ -194,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
-                     galleries, identify, peer_result, peer_missing, ratios, quick, decoders)
+                     galleries, identify, peer_result, peer_missing, ratios, quick, pg_rows, pg_http, decoders)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -217,7 +232,9 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
 
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
-                 identify, peer_result, peer_missing, ratios, quick, decoders=()) -> None:
+                 identify, peer_result, peer_missing, ratios, quick, pg_rows=(), pg_http=(), decoders=()) -> None:
+    from benchmarks import pg_search
+
     lines = [
         "# Benchmarks",
         "",
@@ -286,6 +303,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
                  f(i["p95_ms"]), f(i["rss_mb"], ".0f"), f(g["load_s"]), f(g["db_mb"], ".0f")]
                 for g, i in zip(galleries, identify)]),
         "",
+        *pg_search.report_lines(list(pg_rows), list(pg_http), table),
         *(jpeg_decoders_section(decoders) if decoders else []),
         "## The peer: face_recognition 1.3.0 (dlib)",
         "",

@@ -11,6 +11,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.gallery import GallerySetupError, check_gallery
 from service.http_protocol import guarded_protocol
 from service.settings import Settings
 
@@ -43,9 +44,14 @@ def main() -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # One process: it owns the gallery file and its in-memory search matrix (a second process would not see
-    # the first one's enrolments). Concurrency comes from FACE_INFERENCE_WORKERS threads, since ONNX Runtime
-    # and OpenCV release the GIL while they compute.
+    try:  # an unreachable database or one without pgvector is a configuration error too: say so, exit 2
+        check_gallery(settings.gallery_url, timeout_s=settings.gallery_timeout_s)
+    except GallerySetupError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    # One process per SQLite gallery: it owns the file and its in-memory search matrix (a second process would
+    # not see the first one's enrolments); a PostgreSQL gallery takes any number of replicas. Concurrency comes
+    # from FACE_INFERENCE_WORKERS threads, since ONNX Runtime and OpenCV release the GIL while they compute.
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -31,7 +31,7 @@ from service.api.uploads import body_limit
 from service.errors import FaceServiceError, ImageTooLarge, RequestTimeout
 from service.metrics import Metrics, MetricsMiddleware
 from service.schemas import ErrorResponse
-from service.settings import Settings
+from service.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ async def _lifespan(app: FastAPI):
         settings.detector_path,
         settings.embedder_path,
         runtime.threshold,
-        settings.gallery_path,
+        redact_url(settings.gallery_url),
     )
     try:
         yield

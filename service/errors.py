@@ -5,6 +5,8 @@ Each error carries a stable machine-readable `code` (clients switch on it) and t
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class FaceServiceError(Exception):
     code = "error"
@@ -75,3 +77,11 @@ class ModelMismatch(FaceServiceError):
     """Embeddings made by another model: they are never compared with the loaded embedder's."""
     code = "model_mismatch"
     status = 409
+
+
+class Unavailable(FaceServiceError):
+    """The gallery's database cannot be reached right now (PostgreSQL down, restarting, or too slow to answer
+    within FACE_GALLERY_TIMEOUT_S). Nothing was changed; the same request can be retried."""
+    code = "not_ready"
+    status = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}

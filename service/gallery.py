@@ -27,7 +27,9 @@ faces. One lock serialises mutations and searches, which keeps row indices consi
 runs multi-threaded in BLAS. The face rows stay in SQLite only: memory is one row per identity.
 
 One process owns a gallery file: two server processes on one file would each keep their own matrix and
-miss the other's enrolments (run uvicorn with one worker; scale inference with ORT threads instead).
+miss the other's enrolments (run uvicorn with one worker; scale inference with ORT threads instead). Several
+replicas share a PostgreSQL gallery instead (service/pg_gallery.py, FACE_GALLERY_URL=postgresql://...): both
+stores implement `GalleryStore`, and the routers only know that.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -186,7 +188,157 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+class GalleryStore(Protocol):
+    """What the routers and the pipeline use, whichever store runs: this module's SQLite `Gallery` (one process)
+    or `service.pg_gallery.PostgresGallery` (any number of replicas). tests/test_gallery.py holds both to it.
+
+    Every method blocks; the runtime calls them on its gallery threads (`concurrency` of them at once)."""
+
+    model_sha256: str
+    embedding_size: int
+    concurrency: int  # how many threads may usefully call the store at once
+
+    def enroll(
+        self,
+        identity_id: str,
+        embeddings: np.ndarray,
+        display_name: str | None = None,
+        metadata: dict | None = None,
+        *,
+        sources: Sequence[dict | None] | None = None,
+    ) -> list[str]: ...
+    def delete_identity(self, identity_id: str) -> int: ...
+    def delete_face(self, identity_id: str, face_id: str) -> None: ...
+    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]: ...
+    def get_identity(self, identity_id: str) -> Identity: ...
+    def count_identities(self) -> int: ...
+    def count_faces(self) -> int: ...
+    def count_searchable_identities(self) -> int: ...
+    def count_foreign(self) -> int: ...
+    def search(
+        self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
+    ) -> list[list[Match]]: ...
+    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class GallerySetupError(Exception):
+    """The configured gallery cannot be used: unreachable database, no pgvector, a schema newer than the code.
+    The message names FACE_GALLERY_URL; `python -m service` prints it and exits with code 2."""
+
+
+def _postgres():
+    try:
+        from service import pg_gallery  # psycopg is imported only by those who use PostgreSQL
+    except ImportError as exc:
+        raise GallerySetupError(
+            f"FACE_GALLERY_URL names PostgreSQL, but its driver is not installed ({exc}): "
+            "pip install 'facerec[serve]'"
+        ) from None
+    return pg_gallery
+
+
+def open_gallery(url: str, model_sha256: str, embedding_size: int, *, timeout_s: float = 5.0,
+                 earlier_ids: Sequence[str] = ()) -> GalleryStore:
+    """The store a FACE_GALLERY_URL names (service.settings.gallery_store parses it). earlier_ids: tags the same
+    network's faces carried before (see Gallery), re-tagged as model_sha256's when the store opens."""
+    from service.settings import gallery_store
+
+    store, where = gallery_store(url)
+    if store == "sqlite":
+        return Gallery(where, model_sha256, embedding_size, earlier_ids=earlier_ids)
+    return _postgres().PostgresGallery(where, model_sha256, embedding_size, timeout_s=timeout_s,
+                                       earlier_ids=earlier_ids)
+
+
+def check_gallery(url: str, *, timeout_s: float = 5.0) -> None:
+    """Before serving: can this gallery be used? For PostgreSQL, connects, enables pgvector, creates or checks
+    the schema. GallerySetupError when not. (A SQLite file is checked when the server opens it.)"""
+    from service.settings import gallery_store
+
+    store, where = gallery_store(url)
+    if store == "postgresql":
+        _postgres().prepare_database(where, None, None, timeout_s)
+
+
+def unit_rows(x: Any, size: int, what: str) -> np.ndarray:
+    """(N, size) or (size,) finite non-zero vectors -> (N, size) float32 rows of unit length."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != size:
+        raise InvalidParameter(f"{what} must have shape (N, {size}), got {x.shape}", details={"expected_size": size})
+    if not np.isfinite(x).all():
+        raise InvalidParameter(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms < 1e-6).any():
+        raise InvalidParameter(f"{what} contain an all-zero vector")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def check_search(top_k: Any, threshold: Any) -> None:
+    if not isinstance(top_k, int) or top_k < 1:
+        raise InvalidParameter("top_k must be a positive integer")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise InvalidParameter("threshold must be a cosine similarity in [-1, 1]")
+
+
+def check_enrolment(
+    identity_id: str,
+    embeddings: Any,
+    size: int,
+    display_name: Any,
+    metadata: Any,
+    sources: Sequence[dict | None] | None,
+) -> tuple[np.ndarray, str | None]:
+    """Validate an enrolment: the unit embeddings, and the metadata as JSON text (None: keep the stored one)."""
+    validate_identity_id(identity_id)
+    vectors = unit_rows(embeddings, size, "embeddings")
+    if len(vectors) == 0:
+        raise InvalidParameter("nothing to enroll: no embeddings given")
+    if display_name is not None and (not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME):
+        raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
+    if display_name is not None and (problem := text_problem(display_name)):
+        raise InvalidParameter(f"display_name holds {problem}")
+    metadata_json = None if metadata is None else metadata_text(metadata)
+    if sources is not None and len(sources) != len(vectors):
+        raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
+    return vectors, metadata_json
+
+
+def metadata_text(metadata: Any) -> str:
+    if not isinstance(metadata, dict):
+        raise InvalidParameter("metadata must be a JSON object")
+    if json_depth_exceeds(metadata, MAX_METADATA_DEPTH):
+        raise InvalidParameter(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+    if problem := text_problem(metadata):
+        raise InvalidParameter(f"metadata holds {problem}")
+    try:
+        text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameter(f"metadata is not JSON-serialisable: {exc}") from None
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise InvalidParameter(f"metadata exceeds {MAX_METADATA_BYTES} bytes as JSON")
+    return text
+
+
+def identity_from_row(row: tuple) -> Identity:
+    identity_id, display_name, metadata, created_at, current, foreign = row
+    return Identity(
+        identity_id=identity_id,
+        display_name=display_name,
+        metadata=json.loads(metadata) if metadata else {},
+        created_at=created_at,
+        face_count=current,
+        foreign_face_count=foreign,
+    )
+
+
 class Gallery:
+    """The embedded store: one SQLite file, one process (see the module's docstring)."""
+
+    concurrency = 1  # one connection, one lock: a second thread would only wait
+
     def __init__(self, path: str | Path, model_sha256: str, embedding_size: int, *,
                  earlier_ids: Sequence[str] = ()):
         """model_sha256: the embedder's model id (service.onnx_model.model_identity). earlier_ids: ids the same
@@ -373,19 +525,9 @@ class Gallery:
         For an existing identity, a given display_name or metadata replaces the stored one; None keeps it.
         Embeddings are L2-normalised before storage. Committed to disk before returning.
         """
-        validate_identity_id(identity_id)
-        vectors = self._check_embeddings(embeddings, "embeddings")
-        if len(vectors) == 0:
-            raise InvalidParameter("nothing to enroll: no embeddings given")
-        if display_name is not None and (
-            not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME
-        ):
-            raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
-        if display_name is not None and (problem := text_problem(display_name)):
-            raise InvalidParameter(f"display_name holds {problem}")
-        metadata_json = None if metadata is None else self._metadata_json(metadata)
-        if sources is not None and len(sources) != len(vectors):
-            raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
+        vectors, metadata_json = check_enrolment(
+            identity_id, embeddings, self.embedding_size, display_name, metadata, sources
+        )
         now = time.time()
         face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
         rows = [
@@ -567,10 +709,7 @@ class Gallery:
         """For each query (M, D): up to top_k identities, best first, each scored against its template (the
         normalised mean of its faces); only similarities >= threshold when one is given. Queries are
         L2-normalised here."""
-        if not isinstance(top_k, int) or top_k < 1:
-            raise InvalidParameter("top_k must be a positive integer")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
-            raise InvalidParameter("threshold must be a cosine similarity in [-1, 1]")
+        check_search(top_k, threshold)
         q = self._check_embeddings(queries, "queries")
         results: list[list[Match]] = []
         with self._lock:
@@ -628,48 +767,9 @@ class Gallery:
     # -- helpers ----------------------------------------------------------------------------------------------
 
     def _check_embeddings(self, x: Any, what: str) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.embedding_size:
-            raise InvalidParameter(
-                f"{what} must have shape (N, {self.embedding_size}), got {x.shape}",
-                details={"expected_size": self.embedding_size},
-            )
-        if not np.isfinite(x).all():
-            raise InvalidParameter(f"{what} contain NaN or infinite values")
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        if (norms < 1e-6).any():
-            raise InvalidParameter(f"{what} contain an all-zero vector")
-        return np.ascontiguousarray(x / norms, dtype=np.float32)
+        return unit_rows(x, self.embedding_size, what)
 
-    @staticmethod
-    def _metadata_json(metadata: Any) -> str:
-        if not isinstance(metadata, dict):
-            raise InvalidParameter("metadata must be a JSON object")
-        if json_depth_exceeds(metadata, MAX_METADATA_DEPTH):
-            raise InvalidParameter(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
-        if problem := text_problem(metadata):
-            raise InvalidParameter(f"metadata holds {problem}")
-        try:
-            text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise InvalidParameter(f"metadata is not JSON-serialisable: {exc}") from None
-        if len(text.encode()) > MAX_METADATA_BYTES:
-            raise InvalidParameter(f"metadata exceeds {MAX_METADATA_BYTES} bytes as JSON")
-        return text
-
-    @staticmethod
-    def _identity(row: tuple) -> Identity:
-        identity_id, display_name, metadata, created_at, current, foreign = row
-        return Identity(
-            identity_id=identity_id,
-            display_name=display_name,
-            metadata=json.loads(metadata) if metadata else {},
-            created_at=created_at,
-            face_count=current,
-            foreign_face_count=foreign,
-        )
+    _identity = staticmethod(identity_from_row)
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ environment at import time: `Settings()` is built by `create_app()` (or passed i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,33 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def sqlite_url(path: Path) -> str:
+    """sqlite:///relative/path or sqlite:////absolute/path, the spelling SQLAlchemy made familiar."""
+    return f"sqlite:///{path}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def gallery_store(url: str) -> tuple[str, str]:
+    """("sqlite", file path) or ("postgresql", libpq URL); ValueError for anything else."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"{url!r} is not a URL: use sqlite:///path/to/gallery.db or postgresql://host/db")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                f"{url!r}: a SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        return "sqlite", rest[1:]
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql", url
+    raise ValueError(f"unsupported gallery store {scheme!r}: use sqlite:// or postgresql://")
 
 
 class Settings(BaseSettings):
@@ -99,7 +127,22 @@ class Settings(BaseSettings):
     )
 
     # --- gallery ------------------------------------------------------------------------------------
-    gallery_path: Path = Field(Path("data/gallery.db"), description="SQLite file of enrolled identities.")
+    gallery_url: str | None = Field(
+        None,
+        description="Where enrolled identities live: sqlite:///relative/path.db, sqlite:////absolute/path.db or "
+        "postgresql://user:password@host:port/database (PostgreSQL with pgvector, shared by any number of "
+        "replicas). Unset: the SQLite file FACE_GALLERY_PATH.",
+    )
+    gallery_path: Path = Field(
+        Path("data/gallery.db"), description="SQLite file of enrolled identities (when FACE_GALLERY_URL is unset)."
+    )
+    gallery_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="PostgreSQL gallery: longest wait for a database connection or statement before a 503 "
+        "`not_ready` answer, in seconds.",
+    )
 
     # --- compute ------------------------------------------------------------------------------------
     # Unset thread counts are sized to the CPUs this process may use: FACE_INFERENCE_WORKERS requests run
@@ -157,6 +200,29 @@ class Settings(BaseSettings):
         if value not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"unknown log level {value!r}")
         return value
+
+    @field_validator("gallery_url")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        try:
+            gallery_store(value)
+        except ValueError as exc:
+            raise ValueError(f"FACE_GALLERY_URL: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_gallery(self) -> Settings:
+        """FACE_GALLERY_PATH is the older spelling of a SQLite FACE_GALLERY_URL; both at once must agree."""
+        if self.gallery_url is None:
+            self.gallery_url = sqlite_url(self.gallery_path)
+        elif "gallery_path" in self.model_fields_set:
+            store, where = gallery_store(self.gallery_url)
+            if store != "sqlite" or Path(where) != self.gallery_path:
+                raise ValueError("FACE_GALLERY_URL and FACE_GALLERY_PATH name different galleries: set only one")
+        return self
 
     @model_validator(mode="after")
     def _size_pixel_budget(self) -> Settings:

@@ -39,7 +39,9 @@ def require_default_models(models_dir: Path) -> None:
 @contextlib.contextmanager
 def api_client(models_dir: Path, gallery_dir: Path, **overrides) -> Iterator[TestClient]:
     require_default_models(models_dir)
-    settings = Settings(models_dir=models_dir, gallery_path=gallery_dir / "gallery.db", **overrides)
+    if "gallery_url" not in overrides:  # e.g. a PostgreSQL gallery instead of a SQLite file in gallery_dir
+        overrides["gallery_path"] = gallery_dir / "gallery.db"
+    settings = Settings(models_dir=models_dir, **overrides)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 

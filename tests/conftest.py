@@ -7,6 +7,8 @@ a user's fresh clone has no `../shared`, CI always has it.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,25 @@ def weights_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def lfw_dir(shared_data: Path) -> Path:
     return _need(shared_data / "lfw-dev")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 16 with pgvector for the whole session (tests/pg_support.py). Skips where the `pgserver`
+    wheel is not installed (it is in the test extra; it has wheels for Linux and macOS)."""
+    pytest.importorskip("pgserver", reason="the pgserver wheel (PostgreSQL + pgvector) is not installed")
+    from pg_support import PostgresServer
+
+    # Not under pytest's own temporary folder: the server runs as another user (pgserver does that when run as
+    # root), and every pytest session that starts on the machine resets /tmp/pytest-of-<user> to mode 0700,
+    # which would lock a running server out of its own files. Also short: its Unix socket lives there.
+    folder = Path(tempfile.mkdtemp(prefix="facerec-pg-"))
+    server = PostgresServer(folder)
+    try:
+        yield server
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,20 @@ import pytest
 from api_support import api_client, error_code, no_face_jpeg, photo
 
 
-@pytest.fixture(scope="module")
-def client(models_dir, faces_dir, tmp_path_factory):
-    with api_client(models_dir, tmp_path_factory.mktemp("gallery")) as c:
-        yield c
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def client(request, models_dir, faces_dir, tmp_path_factory):
+    """The whole gallery API, once per store: a SQLite file, and a PostgreSQL database (tests/pg_support.py)."""
+    if request.param == "sqlite":
+        with api_client(models_dir, tmp_path_factory.mktemp("gallery")) as c:
+            yield c
+        return
+    postgres = request.getfixturevalue("postgres")
+    url = postgres.new_database()
+    try:
+        with api_client(models_dir, tmp_path_factory.mktemp("gallery"), gallery_url=url) as c:
+            yield c
+    finally:
+        postgres.drop_database(url)
 
 
 def _files(faces_dir, *names):

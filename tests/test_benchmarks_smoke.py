@@ -51,10 +51,12 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     # Every HTTP load line reports its error count: all must be zero ("10 errors" must not pass for "0 errors").
     error_counts = [int(n) for n in re.findall(r"(\d+) errors\)", printed)]
-    assert len(error_counts) == 6 and error_counts == [0] * 6, printed
+    # 6 loads of /detect and /verify, 1 of /identify on the PostgreSQL gallery
+    assert len(error_counts) == 7 and error_counts == [0] * 7, printed
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
-    for heading in ("## Detector", "## Embedder", "## HTTP", "## 1:N identification", "## The peer"):
+    for heading in ("## Detector", "## Embedder", "## HTTP", "## 1:N identification", "## The peer",
+                    "## 1:N identification in PostgreSQL"):
         assert heading in report
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report

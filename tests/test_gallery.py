@@ -1,4 +1,6 @@
-"""Gallery: SQLite truth + in-memory search matrix, checked against a brute-force reference."""
+"""The gallery contract, held by both stores: SQLite (truth on disk + in-memory search matrix) and PostgreSQL with
+pgvector (search in the database), each checked against a brute-force reference. Tests taking `store` run once per
+store; the rest are about one store's own mechanics (SQLite's file erasure and failed commits)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidParameter, ModelError, NotFound
-from service.gallery import Gallery, Match
+from service.gallery import Gallery, GalleryStore, Match, open_gallery
 
 D = 192
 MODEL = "a" * 64
@@ -51,10 +53,33 @@ def assert_same(matches: list[Match], expected: list[tuple]) -> None:
     np.testing.assert_allclose([m.similarity for m in matches], [s for _, _, s in expected], atol=1e-5)
 
 
+class Store:
+    """One gallery's storage (a SQLite file, a PostgreSQL database): `open()` gives a new handle on it, as a
+    restarted server or another replica would have."""
+
+    def __init__(self, kind: str, url: str):
+        self.kind, self.url = kind, url
+
+    def open(self, model: str = MODEL, earlier_ids=()) -> GalleryStore:
+        return open_gallery(self.url, model, D, earlier_ids=earlier_ids)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path):
+    if request.param == "sqlite":
+        yield Store("sqlite", f"sqlite:///{tmp_path / 'gallery.db'}")
+        return
+    postgres = request.getfixturevalue("postgres")
+    url = postgres.new_database()
+    yield Store("postgresql", url)
+    postgres.drop_database(url)
+
+
 @pytest.fixture
-def gallery(tmp_path: Path):
-    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
-        yield g
+def gallery(store: Store):
+    g = store.open()
+    yield g
+    g.close()
 
 
 def populate(
@@ -99,7 +124,7 @@ def test_one_identity_with_many_faces_does_not_hide_the_others(gallery: Gallery,
     assert matches[0].similarity > matches[1].similarity > matches[2].similarity
 
 
-def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, tmp_path: Path) -> None:
+def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, store: Store) -> None:
     rng = np.random.default_rng(2)
     enrolled = populate(gallery, rng, people=20)
     victims = ["person-003", "person-010", "person-019"]
@@ -128,7 +153,7 @@ def test_deletes_remove_faces_from_search_and_disk(gallery: Gallery, tmp_path: P
         gallery.delete_face("nobody", "no-such-face")
     # Still consistent after reopening from disk.
     gallery.close()
-    with Gallery(tmp_path / "gallery.db", MODEL, D) as reopened:
+    with store.open() as reopened:
         assert len(reopened) == sum(len(f) for f in enrolled.values())
         assert reopened.count_searchable_identities() == searchable
         for query, matches in zip(queries, reopened.search(queries, top_k=10)):
@@ -171,24 +196,27 @@ def test_identities_listing_and_details(gallery: Gallery) -> None:
         "file": "a.jpg",
         "box": [1, 2, 3, 4],
     }
-    gallery.enroll("alice", unit(rng.normal(size=(1, D))), display_name="Alice B.", metadata={"x": 1})
+    latest = unit(rng.normal(size=(1, D)))
+    gallery.enroll("alice", latest, display_name="Alice B.", metadata={"x": 1, "a": [2, {"b": None}]})
     alice = gallery.get_identity("alice")
-    assert (alice.display_name, alice.metadata, alice.face_count) == ("Alice B.", {"x": 1}, 4)
-    assert gallery.search(alice_vector(gallery, "alice"), top_k=1)[0][0].display_name == "Alice B."
+    assert (alice.display_name, alice.metadata, alice.face_count) == ("Alice B.", {"x": 1, "a": [2, {"b": None}]}, 4)
+    assert list(alice.metadata) == ["x", "a"]  # as given, key order included
+    assert gallery.search(latest, top_k=1)[0][0].display_name == "Alice B."
+    # Pages are in byte order of the ids, whatever the database's collation would say.
+    for name in ["Zed", "a_x", "a-b", "a.b", "ab", "A9"]:
+        gallery.enroll(name, unit(rng.normal(size=(1, D))))
+    assert [i.identity_id for i in gallery.list_identities(limit=100)[0]] == sorted(
+        ["alice", "bob", "carol", "Zed", "a_x", "a-b", "a.b", "ab", "A9"]
+    )
 
 
-def alice_vector(gallery: Gallery, identity: str) -> np.ndarray:
-    return gallery._sums[gallery._row_of[identity]]
-
-
-def test_other_models_embeddings_are_never_compared(tmp_path: Path) -> None:
-    path = tmp_path / "gallery.db"
+def test_other_models_embeddings_are_never_compared(store: Store) -> None:
     rng = np.random.default_rng(5)
     old_faces = unit(rng.normal(size=(4, D)))
-    with Gallery(path, OTHER_MODEL, D) as old:
+    with store.open(OTHER_MODEL) as old:
         old.enroll("alice", old_faces[:3])
         old.enroll("bob", old_faces[3:])
-    with Gallery(path, MODEL, D) as g:
+    with store.open() as g:
         assert len(g) == 0 and g.count_foreign() == 4 and g.count_identities() == 2
         assert g.count_searchable_identities() == 0  # foreign faces are never searched, so never counted
         assert g.search(old_faces, top_k=5) == [[], [], [], []]
@@ -198,8 +226,9 @@ def test_other_models_embeddings_are_never_compared(tmp_path: Path) -> None:
         assert [not f.current_model for f in alice.faces].count(True) == 3
         assert [m.identity_id for m in g.search(old_faces[0], top_k=5)[0]] == ["alice"]  # only the new face
         assert g.count_searchable_identities() == 1
-    with Gallery(path, OTHER_MODEL, D) as old:  # rolling back to the old model finds its faces again
+    with store.open(OTHER_MODEL) as old:  # rolling back to the old model finds its faces again
         assert len(old) == 4 and old.count_foreign() == 1
+        assert old.search(old_faces[3], top_k=5)[0][0].identity_id == "bob"
 
 
 @pytest.mark.parametrize(
@@ -282,9 +311,8 @@ def test_a_failed_commit_is_rolled_back_and_later_writes_work(tmp_path: Path) ->
         assert len(reopened) == 2
 
 
-def test_concurrent_enrolments_and_searches(tmp_path: Path) -> None:
-    path = tmp_path / "gallery.db"
-    with Gallery(path, MODEL, D) as g:
+def test_concurrent_enrolments_and_searches(store: Store) -> None:
+    with store.open() as g:
 
         def writer(t: int) -> None:
             rng = np.random.default_rng(t)
@@ -304,8 +332,8 @@ def test_concurrent_enrolments_and_searches(tmp_path: Path) -> None:
             for future in futures:
                 future.result()  # re-raises whatever failed in that thread
         assert g.count_identities() == 4 * 12 and len(g) == 4 * 12 * 2
-    with Gallery(path, MODEL, D) as reopened:
-        assert len(reopened) == 4 * 12 * 2
+    with store.open() as reopened:
+        assert len(reopened) == 4 * 12 * 2 and reopened.count_searchable_identities() == 4 * 12
 
 
 CHILD = """
@@ -339,11 +367,11 @@ def test_acknowledged_enrolment_survives_kill_9(tmp_path: Path) -> None:
         assert match.identity_id == "survivor" and match.faces == 1 and match.similarity == pytest.approx(1.0)
 
 
-def test_identity_similarity_is_the_identity_template(tmp_path: Path) -> None:
+def test_identity_similarity_is_the_identity_template(store: Store) -> None:
     rng = np.random.default_rng(6)
-    with Gallery(tmp_path / "gallery.db", OTHER_MODEL, D) as old:
+    with store.open(OTHER_MODEL) as old:
         old.enroll("old-only", unit(rng.normal(size=(2, D))))
-    with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
+    with store.open() as g:
         enrolled = populate(g, rng, people=10)
         queries = rng.normal(size=(4, D))
         for person in ["person-000", "person-007"]:
@@ -395,3 +423,25 @@ def test_templates_grow_past_their_capacity_and_follow_every_change(tmp_path: Pa
     with Gallery(tmp_path / "gallery.db", MODEL, D) as g:
         for query, matches in zip(queries, g.search(queries, top_k=7)):
             assert_same(matches, brute_force(enrolled, query, 7))
+
+
+def test_faces_tagged_with_an_earlier_id_of_the_same_model_are_retagged(store: Store) -> None:
+    # Older releases tagged faces with the embedder file's sha256; the model id now is its graph's. Opening with
+    # the earlier ids moves those faces (and their templates) to the current id; other models' faces stay apart.
+    rng = np.random.default_rng(8)
+    earlier = "c" * 64
+    faces = unit(rng.normal(size=(3, D)))
+    with store.open(earlier) as old:
+        old.enroll("alice", faces[:2])
+    with store.open(OTHER_MODEL) as other:
+        other.enroll("bob", faces[2:])
+    with store.open(MODEL) as g:  # without the earlier ids: alice's faces are foreign
+        assert (len(g), g.count_foreign(), g.count_searchable_identities()) == (0, 3, 0)
+    with store.open(MODEL, earlier_ids=[earlier, "d" * 64]) as g:
+        assert (len(g), g.count_foreign(), g.count_searchable_identities()) == (2, 1, 1)
+        (match,) = g.search(faces[0], top_k=5)[0]
+        assert match.identity_id == "alice" and match.faces == 2
+        assert match.similarity == pytest.approx(float(template({"a": faces[0], "b": faces[1]}) @ faces[0]), abs=1e-5)
+        assert all(f.current_model for f in g.get_identity("alice").faces)
+    with store.open(MODEL) as g:  # done once, for good
+        assert (len(g), g.count_foreign()) == (2, 1)

@@ -1,8 +1,8 @@
 """What the routers work with: the loaded models, the gallery, and the thread pools that run them.
 
 The event loop never blocks: image decoding and ONNX Runtime run in the inference pool (FACE_INFERENCE_WORKERS
-threads; ORT and OpenCV release the GIL), SQLite in a one-thread gallery pool (one writer at a time is what
-SQLite allows anyway, and one thread keeps the connection where it was made). Each stage is timed into the
+threads; ORT and OpenCV release the GIL), the gallery in its own pool: one thread for SQLite (one writer at a
+time is what SQLite allows anyway), one per pooled connection for PostgreSQL. Each stage is timed into the
 `face_stage_duration_seconds` histogram.
 """
 
@@ -25,7 +25,7 @@ from service.decision import Decision, IdentifyPolicy
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.errors import FaceServiceError
-from service.gallery import Gallery, unservable_identities
+from service.gallery import GalleryStore, open_gallery, unservable_identities
 from service.images import decode_image, probe_image
 from service.metrics import Metrics
 from service.onnx_model import session_options
@@ -51,7 +51,7 @@ class Runtime:
         settings: Settings,
         metrics: Metrics,
         pipeline: Pipeline,
-        gallery: Gallery,
+        gallery: GalleryStore,
         inference_pool: ThreadPoolExecutor,
         gallery_pool: ThreadPoolExecutor,
     ):
@@ -89,7 +89,6 @@ class Runtime:
         options = partial(session_options, settings.intra_op_threads, settings.inter_op_threads)
         loop = asyncio.get_running_loop()
         inference_pool = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="inference")
-        gallery_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery")
         try:
             detector = await loop.run_in_executor(
                 inference_pool, partial(RetinaFaceDetector, settings.detector_path, options())
@@ -102,15 +101,18 @@ class Runtime:
                 raise ValueError(
                     f"{settings.embedder_path.name} carries no face.embedder.threshold: set FACE_MATCH_THRESHOLD"
                 )
-            settings.gallery_path.parent.mkdir(parents=True, exist_ok=True)
-            gallery = await loop.run_in_executor(
-                gallery_pool,
-                partial(Gallery, settings.gallery_path, embedder.model_id, embedder.embedding_size,
-                        earlier_ids=embedder.earlier_ids),
+            gallery = await asyncio.to_thread(
+                open_gallery,
+                settings.gallery_url,
+                embedder.model_id,
+                embedder.embedding_size,
+                timeout_s=settings.gallery_timeout_s,
+                earlier_ids=embedder.earlier_ids,
             )
+            # SQLite: one thread (one connection, one lock). PostgreSQL: as many as its connection pool holds.
+            gallery_pool = ThreadPoolExecutor(gallery.concurrency, thread_name_prefix="gallery")
         except BaseException:
             inference_pool.shutdown(wait=False, cancel_futures=True)
-            gallery_pool.shutdown(wait=False, cancel_futures=True)
             raise
         runtime = cls(settings, metrics, Pipeline(detector, embedder), gallery, inference_pool, gallery_pool)
         await runtime.infer(runtime._warm_up)

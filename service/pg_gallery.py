@@ -1,0 +1,533 @@
+"""Enrolled identities in PostgreSQL with pgvector: one gallery shared by any number of service replicas.
+
+Same semantics as the SQLite store (service/gallery.py), held to the same contract suite (tests/test_gallery.py):
+identities with a display name and JSON metadata; faces tagged with the sha256 of the embedder that made them;
+other models' faces kept and counted, never compared; each identity matched through its template (the normalised
+mean of its faces); one transaction per enrolment.
+
+Consistency. There is no per-replica copy of anything: every read and every search runs in the database, so a
+replica sees every other replica's committed enrolments and deletions at once. Commits are synchronous
+(`synchronous_commit=on` is set on every connection, whatever the server's default): an enrolment is on the
+database's disk before its 200.
+
+Search. `templates` holds one row per identity and model: the sum of its faces' unit embeddings, updated in the
+enrolment's transaction (an upsert that adds, under the row's lock, so concurrent enrolments of one identity on
+several replicas add up) and rebuilt from `faces` when a face is deleted. Cosine distance ignores length, so the
+sum stands for the template. Each embedder has its own partial HNSW index (cosine) over `total::vector(D) WHERE
+model_sha256 = '<sha>'`: pgvector 0.6 filters after the index scan, so one index over all models would hand back
+fewer rows than asked whenever other models' templates are near the query. With one row per identity the index's
+nearest rows are the answer (top_k of them, exploring ef_search = max(EF_SEARCH, top_k) candidates), with exact
+distances for the rows it returns.
+
+Faults. Database errors that a retry can cure (server down or restarting, connection lost, statement timeout)
+become `Unavailable` (503 `not_ready`), within FACE_GALLERY_TIMEOUT_S: that bounds the wait for a pooled
+connection, the TCP connect, and every statement (`statement_timeout`). The pool checks a connection before
+lending it and reconnects on demand, so a replica recovers by itself when the database is back.
+
+Schema. Created at start-up under an advisory lock (replicas starting together do not race), with a version row
+in `facerec_schema`. A database whose schema is newer than this code refuses the start (GallerySetupError, which
+`python -m service` turns into exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from service.errors import InvalidParameter, NotFound, Unavailable
+from service.gallery import (
+    SQLITE_MAX_INTEGER,
+    FaceRecord,
+    GallerySetupError,
+    Identity,
+    Match,
+    check_enrolment,
+    check_search,
+    identity_from_row,
+    unit_rows,
+    validate_identity_id,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# hnsw.ef_search: candidates the index returns per query. Recall against exact search is measured by
+# `python -m benchmarks` (BENCHMARKS.md); 100 is pgvector's own recommendation for high recall.
+EF_SEARCH = 100
+POOL_SIZE = 4
+_SCHEMA_LOCK = 0x66616365  # "face": pg_advisory_xact_lock key held while the schema is created or checked
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+_TABLES = """
+CREATE TABLE facerec_schema (version integer NOT NULL);
+CREATE TABLE identities (
+    id           text COLLATE "C" PRIMARY KEY,   -- byte order, as SQLite sorts: pages list the same way
+    display_name text,
+    metadata     text NOT NULL DEFAULT '{}',     -- the JSON text as given (jsonb would reorder the keys)
+    created_at   double precision NOT NULL
+);
+CREATE TABLE faces (
+    seq          bigserial,                      -- enrolment order of faces with one created_at
+    face_id      text PRIMARY KEY,
+    identity_id  text COLLATE "C" NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    model_sha256 text NOT NULL,
+    embedding    vector NOT NULL,                -- no fixed size: models of any size share the table
+    created_at   double precision NOT NULL,
+    source       text
+);
+CREATE INDEX faces_by_identity ON faces (identity_id, model_sha256);
+CREATE INDEX faces_by_model ON faces (model_sha256, identity_id);
+-- One row per identity and model: the sum of its faces' unit embeddings. Cosine distance ignores length, so the
+-- sum stands for the template (their normalised mean) in every comparison and in the HNSW index. Kept in step
+-- with `faces` inside the same transactions.
+CREATE TABLE templates (
+    identity_id  text COLLATE "C" NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    model_sha256 text NOT NULL,
+    total        vector NOT NULL,
+    faces        integer NOT NULL,
+    PRIMARY KEY (identity_id, model_sha256)
+);
+"""
+
+# Errors a retry can cure: the server is down or restarting, the connection broke, a statement timed out, a
+# deadlock or serialisation failure. Anything else (a bug, bad SQL) stays a 500 with its traceback in the log.
+_TRANSIENT = (psycopg.OperationalError, PoolTimeout, PoolClosed)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparsable URL>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo("", **params)
+
+
+def _index_name(model_sha256: str) -> str:
+    return f"templates_hnsw_{model_sha256[:32]}"
+
+
+def _connection_options(url: str, timeout_s: float) -> dict[str, Any]:
+    """libpq options that bound every wait by the timeout; values the URL sets itself win."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise GallerySetupError(f"FACE_GALLERY_URL is not a valid PostgreSQL URL: {exc}") from None
+    defaults = {
+        "connect_timeout": max(2, round(timeout_s)),  # libpq: whole seconds, at least 2
+        # A peer that vanishes without closing (network partition) is noticed within the timeout too.
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(timeout_s)),
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(timeout_s * 1000),
+        "application_name": "facerec",
+    }
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
+def create_model_index(conn: psycopg.Connection, model_sha256: str, embedding_size: int) -> None:
+    """The HNSW index (cosine) of one embedder's templates: partial, so that its searches never see other
+    models'."""
+    if not _SHA256.fullmatch(model_sha256):
+        raise ValueError(f"not a sha256: {model_sha256!r}")
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON templates USING hnsw ((total::vector({})) vector_cosine_ops) "
+            "WHERE model_sha256 = {}"
+        ).format(sql.Identifier(_index_name(model_sha256)), int(embedding_size), sql.Literal(model_sha256))
+    )
+
+
+def prepare_database(
+    url: str, model_sha256: str | None, embedding_size: int | None, timeout_s: float = 5.0
+) -> None:
+    """Create (or check) the schema, and this model's HNSW index when a model is given. GallerySetupError when
+    that cannot be done."""
+    options = _connection_options(url, timeout_s)
+    try:
+        conn = psycopg.connect(url, autocommit=True, **options)
+    except psycopg.Error as exc:
+        raise GallerySetupError(f"FACE_GALLERY_URL: cannot connect to {redact(url)}: {exc}") from None
+    try:
+        with conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            available = conn.execute(
+                "SELECT installed_version IS NOT NULL, default_version FROM pg_available_extensions "
+                "WHERE name = 'vector'"
+            ).fetchone()
+            if available is None:
+                raise GallerySetupError(
+                    f"FACE_GALLERY_URL: the database at {redact(url)} has no pgvector extension (`vector`): "
+                    "install pgvector on that server (the pgvector/pgvector:pg16 image has it)"
+                )
+            if not available[0]:
+                try:
+                    with conn.transaction():
+                        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                except psycopg.errors.InsufficientPrivilege:
+                    raise GallerySetupError(
+                        f"FACE_GALLERY_URL: pgvector is not enabled in {redact(url)} and this user may not "
+                        "enable it: run `CREATE EXTENSION vector;` there as its owner"
+                    ) from None
+            exists = conn.execute("SELECT to_regclass('facerec_schema') IS NOT NULL").fetchone()[0]
+            if not exists:
+                conn.execute(_TABLES)
+                conn.execute("INSERT INTO facerec_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+                log.info("gallery: created schema version %d in %s", SCHEMA_VERSION, redact(url))
+            (version,) = conn.execute("SELECT max(version) FROM facerec_schema").fetchone()
+            if version is None or version > SCHEMA_VERSION:
+                raise GallerySetupError(
+                    f"FACE_GALLERY_URL: the gallery schema in {redact(url)} is version {version}, newer than "
+                    f"this service's ({SCHEMA_VERSION}): run a service release that knows it, or point "
+                    "FACE_GALLERY_URL at another database"
+                )
+            if model_sha256 is not None:
+                create_model_index(conn, model_sha256, embedding_size)
+    except psycopg.Error as exc:
+        raise GallerySetupError(f"FACE_GALLERY_URL: cannot set up the gallery in {redact(url)}: {exc}") from None
+    finally:
+        conn.close()
+
+
+class PostgresGallery:
+    """The shared store. Thread-safe: each call borrows a pooled connection for its own transaction."""
+
+    def __init__(
+        self,
+        url: str,
+        model_sha256: str,
+        embedding_size: int,
+        *,
+        timeout_s: float = 5.0,
+        pool_size: int = POOL_SIZE,
+        ef_search: int = EF_SEARCH,
+        earlier_ids: Sequence[str] = (),
+    ):
+        if not _SHA256.fullmatch(model_sha256 or ""):
+            raise ValueError("model_sha256 must be a sha256 in hex: it keeps embeddings of different models apart")
+        self.model_sha256 = model_sha256
+        self.embedding_size = int(embedding_size)
+        self.concurrency = pool_size
+        self.ef_search = int(ef_search)
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        prepare_database(url, model_sha256, self.embedding_size, timeout_s)
+        self._retag(earlier_ids)
+        self._model = sql.Literal(model_sha256)  # a literal, not a parameter: the planner must see the
+        self._vector = sql.SQL("total::vector({})").format(self.embedding_size)  # the partial index's terms
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, **_connection_options(url, timeout_s)},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            timeout=timeout_s,
+            # Give up reconnecting quickly: the next request that finds no connection starts a fresh attempt
+            # at once, instead of waiting out an exponential back-off grown while the database was down.
+            reconnect_timeout=timeout_s,
+            name="gallery",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise GallerySetupError(f"FACE_GALLERY_URL: cannot connect to {redact(url)}: {exc}") from None
+        log.info("gallery: PostgreSQL %s, model %s, ef_search %d", redact(url), model_sha256[:12], ef_search)
+
+    def _retag(self, earlier_ids: Sequence[str]) -> None:
+        """Faces the same network's earlier ids tagged (older releases keyed them by the whole file's sha256)
+        become this model's, their identities' templates rebuilt; one transaction, before serving."""
+        others = sorted({s for s in earlier_ids if s and s != self.model_sha256})
+        if not others:
+            return
+        try:
+            with psycopg.connect(self.url, autocommit=True, **_connection_options(self.url, self.timeout_s)) as conn:
+                register_vector(conn)
+                with conn.transaction():
+                    moved = conn.execute(
+                        "WITH moved AS (UPDATE faces SET model_sha256 = %s WHERE model_sha256 = ANY(%s) "
+                        "RETURNING identity_id) SELECT DISTINCT identity_id FROM moved",
+                        (self.model_sha256, others),
+                    ).fetchall()
+                    touched = [identity for (identity,) in moved]
+                    if touched:
+                        conn.execute("DELETE FROM templates WHERE identity_id = ANY(%s)", (touched,))
+                        conn.execute(
+                            "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                            "SELECT identity_id, model_sha256, sum(embedding), count(*) FROM faces "
+                            "WHERE identity_id = ANY(%s) GROUP BY identity_id, model_sha256",
+                            (touched,),
+                        )
+        except psycopg.Error as exc:
+            raise GallerySetupError(f"FACE_GALLERY_URL: cannot re-tag earlier faces in {redact(self.url)}: {exc}") \
+                from None
+        if touched:
+            log.warning("gallery: faces of %d identities tagged with an earlier id of this same network (%s) "
+                        "re-tagged as model %s", len(touched), ", ".join(s[:12] for s in others),
+                        self.model_sha256[:12])
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        register_vector(conn)
+        timeout_ms = int(self.timeout_s * 1000)
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(timeout_ms)))
+        conn.execute("SET synchronous_commit = on")
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except _TRANSIENT as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Unavailable(
+                f"the gallery database is unavailable: {reason}", details={"retry": True}
+            ) from exc
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        identity_id: str,
+        embeddings: np.ndarray,
+        display_name: str | None = None,
+        metadata: dict | None = None,
+        *,
+        sources: Sequence[dict | None] | None = None,
+    ) -> list[str]:
+        """Add faces (k, D) to an identity, creating it if new; returns the new face ids. Committed (one
+        transaction, synchronous commit) before returning."""
+        vectors, metadata_json = check_enrolment(
+            identity_id, embeddings, self.embedding_size, display_name, metadata, sources
+        )
+        if display_name is not None and "\x00" in display_name:  # PostgreSQL text cannot hold NUL
+            raise InvalidParameter("display_name must not contain NUL characters")
+        now = time.time()
+        face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
+        rows = [
+            (
+                face_id,
+                identity_id,
+                self.model_sha256,
+                vectors[i],
+                now,
+                None if sources is None or sources[i] is None else json.dumps(sources[i]),
+            )
+            for i, face_id in enumerate(face_ids)
+        ]
+        with self._connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET "
+                "display_name = COALESCE(excluded.display_name, identities.display_name), "
+                "metadata = CASE WHEN %s THEN excluded.metadata ELSE identities.metadata END",
+                (identity_id, display_name, metadata_json or "{}", now, metadata_json is not None),
+            )
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at, source) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    rows,
+                )
+            # The row lock the upsert takes serialises concurrent enrolments of one identity from any replica.
+            conn.execute(
+                "INSERT INTO templates (identity_id, model_sha256, total, faces) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (identity_id, model_sha256) DO UPDATE SET "
+                "total = templates.total + excluded.total, faces = templates.faces + excluded.faces",
+                (identity_id, self.model_sha256, vectors.astype(np.float64).sum(axis=0).astype(np.float32),
+                 len(vectors)),
+            )
+        return face_ids
+
+    def delete_identity(self, identity_id: str) -> int:
+        """Remove an identity with all its faces (every model's); returns how many faces went."""
+        validate_identity_id(identity_id)
+        with self._connection() as conn, conn.transaction():
+            (count,) = conn.execute(
+                "WITH gone AS (DELETE FROM faces WHERE identity_id = %s RETURNING 1) SELECT count(*) FROM gone",
+                (identity_id,),
+            ).fetchone()
+            if conn.execute("DELETE FROM identities WHERE id = %s", (identity_id,)).rowcount == 0:
+                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+        return count
+
+    def delete_face(self, identity_id: str, face_id: str) -> None:
+        """Remove one face of an identity (the identity stays, possibly with no faces)."""
+        validate_identity_id(identity_id)
+        with self._connection() as conn, conn.transaction():
+            deleted = conn.execute(
+                "DELETE FROM faces WHERE face_id = %s AND identity_id = %s", (face_id, identity_id)
+            ).rowcount
+            if deleted == 0:
+                if conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
+                    raise NotFound(
+                        f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
+                    )
+                raise NotFound(
+                    f"identity {identity_id!r} has no face {face_id!r}",
+                    details={"identity_id": identity_id, "face_id": face_id},
+                )
+            # Rebuilt from what is stored, not subtracted: no rounding drift, and every model's row stays right.
+            conn.execute("DELETE FROM templates WHERE identity_id = %s", (identity_id,))
+            conn.execute(
+                "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                "SELECT identity_id, model_sha256, sum(embedding), count(*) FROM faces WHERE identity_id = %s "
+                "GROUP BY identity_id, model_sha256",
+                (identity_id,),
+            )
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
+        """A page of identities ordered by id, and the total number of identities."""
+        if not (0 <= offset <= SQLITE_MAX_INTEGER and 0 <= limit <= SQLITE_MAX_INTEGER):
+            raise InvalidParameter(f"offset and limit must be between 0 and {SQLITE_MAX_INTEGER}")
+        query = sql.SQL(
+            "SELECT i.id, i.display_name, i.metadata, i.created_at, "
+            "  count(f.face_id) FILTER (WHERE f.model_sha256 = {model}), "
+            "  count(f.face_id) FILTER (WHERE f.model_sha256 <> {model}) "
+            "FROM (SELECT * FROM identities ORDER BY id LIMIT %s OFFSET %s) i "
+            "LEFT JOIN faces f ON f.identity_id = i.id "
+            "GROUP BY i.id, i.display_name, i.metadata, i.created_at ORDER BY i.id"
+        ).format(model=self._model)
+        with self._connection() as conn, conn.transaction():  # one snapshot for the page and its total
+            (total,) = conn.execute("SELECT count(*) FROM identities").fetchone()
+            rows = conn.execute(query, (limit, offset)).fetchall()
+        return [identity_from_row(row) for row in rows], total
+
+    def get_identity(self, identity_id: str) -> Identity:
+        validate_identity_id(identity_id)
+        with self._connection() as conn, conn.transaction():
+            row = conn.execute(
+                "SELECT id, display_name, metadata, created_at, 0, 0 FROM identities WHERE id = %s",
+                (identity_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+            stored = conn.execute(
+                "SELECT face_id, model_sha256, created_at, source FROM faces WHERE identity_id = %s "
+                "ORDER BY created_at, seq",
+                (identity_id,),
+            ).fetchall()
+        faces = [
+            FaceRecord(
+                face_id=face_id,
+                identity_id=identity_id,
+                model_sha256=sha,
+                created_at=created,
+                source=None if source is None else json.loads(source),
+                current_model=sha == self.model_sha256,
+            )
+            for face_id, sha, created, source in stored
+        ]
+        current = sum(f.current_model for f in faces)
+        identity = identity_from_row(row)
+        return Identity(
+            identity.identity_id,
+            identity.display_name,
+            identity.metadata,
+            identity.created_at,
+            face_count=current,
+            foreign_face_count=len(faces) - current,
+            faces=faces,
+        )
+
+    def _count(self, query: sql.Composable) -> int:
+        with self._connection() as conn:
+            return conn.execute(query).fetchone()[0]
+
+    def count_identities(self) -> int:
+        return self._count(sql.SQL("SELECT count(*) FROM identities"))
+
+    def count_faces(self) -> int:
+        """Faces searchable with the current model."""
+        return self._count(sql.SQL("SELECT count(*) FROM faces WHERE model_sha256 = {}").format(self._model))
+
+    def count_searchable_identities(self) -> int:
+        """Identities with at least one face of the current model (what a 1:N decision compares a probe with)."""
+        return self._count(sql.SQL("SELECT count(*) FROM templates WHERE model_sha256 = {}").format(self._model))
+
+    def count_foreign(self) -> int:
+        """Faces enrolled with another model: kept, never compared with the current model's."""
+        return self._count(sql.SQL("SELECT count(*) FROM faces WHERE model_sha256 <> {}").format(self._model))
+
+    def __len__(self) -> int:
+        return self.count_faces()
+
+    def search(
+        self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
+    ) -> list[list[Match]]:
+        """For each query (M, D): up to top_k identities, best first, each scored against its template (the
+        normalised mean of its faces); only similarities >= threshold when one is given. Queries are
+        L2-normalised here."""
+        check_search(top_k, threshold)
+        q = unit_rows(queries, self.embedding_size, "queries")
+        with self._connection() as conn:
+            return [self._search_one(conn, query, top_k, threshold) for query in q]
+
+    def _search_one(
+        self, conn: psycopg.Connection, query: np.ndarray, top_k: int, threshold: float | None
+    ) -> list[Match]:
+        # One template per identity, so the index's nearest rows are the answer itself: no grouping, and the
+        # distances it orders by are exact for the rows it returns. ef_search bounds how many it explores.
+        ef = max(self.ef_search, top_k)
+        nearest = sql.SQL(
+            "SELECT t.identity_id, 1 - t.distance, t.faces, i.display_name FROM ("
+            "  SELECT identity_id, {vector} <=> %s AS distance, faces FROM templates WHERE model_sha256 = {model} "
+            "  ORDER BY {vector} <=> %s LIMIT %s"
+            ") t JOIN identities i ON i.id = t.identity_id ORDER BY t.distance, t.identity_id"
+        ).format(vector=self._vector, model=self._model)
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
+            rows = conn.execute(nearest, (query, query, top_k)).fetchall()
+        return [
+            Match(identity_id=i, similarity=float(np.clip(s, -1.0, 1.0)), faces=int(k), display_name=name)
+            for i, s, k, name in rows
+            if threshold is None or s >= threshold
+        ]
+
+    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each query (M, D) to one identity's template: (M,) float32, the similarity
+        /identify would give it. NotFound when the identity does not exist; NaN when it has no face of the
+        current model."""
+        validate_identity_id(identity_id)
+        q = unit_rows(queries, self.embedding_size, "queries")
+        with self._connection() as conn, conn.transaction():
+            if conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
+                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+            row = conn.execute(
+                sql.SQL("SELECT total FROM templates WHERE identity_id = %s AND model_sha256 = {}").format(
+                    self._model
+                ),
+                (identity_id,),
+            ).fetchone()
+        if row is None:
+            return np.full(len(q), np.nan, dtype=np.float32)
+        total = np.asarray(row[0].to_numpy(), dtype=np.float64)
+        return np.clip(q @ (total / np.linalg.norm(total)), -1.0, 1.0).astype(np.float32)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
