@@ -5,7 +5,8 @@
 1. checks the caller's `face.*` metadata against docs/model-contract.md (the service refuses files whose
    metadata is missing or inconsistent, so we refuse to write them in the first place);
 2. exports with input `input` (float32, NCHW, batch dynamic; height/width dynamic for detectors);
-3. writes the metadata into `metadata_props` and runs `onnx.checker` with `full_check=True`;
+3. rewrites what ONNX Runtime's CPU provider runs slowly into equivalents it runs fast (export/onnx_rewrite.py:
+   PRelu), writes the metadata into `metadata_props` and runs `onnx.checker` with `full_check=True`;
 4. runs ONNX Runtime (CPUExecutionProvider, what the service uses) against PyTorch on real inputs at batch 1,
    at the full batch (proves the dynamic batch axis), and for dynamic_hw at a second spatial size;
 5. only then moves the file into place (tmp + rename), so a failed export never leaves a file that looks valid;
@@ -33,6 +34,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from tqdm import tqdm
+
+from export.onnx_rewrite import REWRITES, prelu_as_relu
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,8 @@ def exporter_name() -> str:
         ours = version("facerec")
     except PackageNotFoundError:  # a plain checkout, not installed: fall back to the source version
         ours = "0.1.0"
-    return f"facerec-export {ours} (torch {torch.__version__}, opset {OPSET})"
+    # The rewrites are named: the same weights, torch and opset give a different graph when they change.
+    return f"facerec-export {ours} (torch {torch.__version__}, opset {OPSET}, {REWRITES})"
 
 
 def export_onnx(
@@ -236,6 +240,9 @@ def export_onnx(
         steps.set_postfix_str("torch.onnx.export")
         _torch_export(model, sample, tmp, output_names, dynamic_hw)
         proto = onnx.load(str(tmp))
+        # Before parity: the rewritten graph is the one judged against PyTorch, at the same tolerances.
+        if n := prelu_as_relu(proto):
+            log.info("%s: %d PRelu rewritten as Relu", out_path.name, n)
         _set_metadata(proto, {**meta, "face.exporter": exporter_name(), "face.precision": "fp32"})
         _save_checked(proto, tmp)
         steps.update()
