@@ -1,7 +1,8 @@
-"""The exporter's PRelu rewrite (export/onnx_rewrite.py): the rewritten graph has no PRelu and computes what the
-torch-exported graph computes, on every slope regime (negative, zero, between 0 and 1, one, above one), on the
-real networks that have PReLUs (the default TFLite MobileFaceNet, the CASIA checkpoint, SE-ResNet-IR with scalar
-and fully-connected PReLUs), on real aligned faces and on random inputs; and the default export ships rewritten."""
+"""The exporter's graph rewrites (export/onnx_rewrite.py). PRelu: the rewritten graph has no PRelu and computes
+what the torch-exported graph computes, on every slope regime (negative, zero, between 0 and 1, one, above one), on
+the real networks that have PReLUs (the default TFLite MobileFaceNet, the CASIA checkpoint, SE-ResNet-IR with
+scalar and fully-connected PReLUs), on real aligned faces and on random inputs. Pad into Conv: bit-identical
+outputs, and only zero constant padding read by a Conv alone is folded. The default export ships rewritten."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export import mobilefacenet as mfn
 from export.core import _torch_export, exporter_name, read_metadata
-from export.onnx_rewrite import REWRITES, prelu_as_relu
+from export.onnx_rewrite import REWRITES, pads_into_conv, prelu_as_relu, rewrite
 from models.se_resnet_ir import RESNETFACE, SEResNetIR, randomise_batchnorm
 
 # The exporter's own fp32 tolerances against PyTorch (export/mobilefacenet.py export_model: 1e-4 at embedding
@@ -110,6 +111,66 @@ def test_prelu_with_a_computed_slope_is_left_alone() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Pad into Conv
+
+
+def _pad_conv_graph(mode: str = "constant", value: float | None = None, second_reader: bool = False):
+    """x -> Pad -> Conv(3x3, stride 2, pads 1,0,0,1) -> y, the pads computed from constants the way torch writes
+    TensorFlow SAME padding (Constant -> Reshape -> Slice with step -1 -> Cast), not stored."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["raw"], value=numpy_helper.from_array(
+            np.array([1, 1, 0, 0, 0, 0, 0, 0], np.int64))),  # reversed by the Slice: [0, 0, 0, 0, 0, 0, 1, 1]
+        helper.make_node("Slice", ["raw", "start", "end", "axis", "step"], ["sliced"]),
+        helper.make_node("Cast", ["sliced"], ["pads"], to=TensorProto.INT64),
+    ]
+    # begin (N, C, H, W) = 0, 0, 0, 0; end = 0, 0, 1, 1: TF SAME for an even side at stride 2 pads bottom/right.
+    pad_inputs = ["x", "pads"] + ([] if value is None else ["value"])
+    nodes.append(helper.make_node("Pad", pad_inputs, ["padded"], mode=mode))
+    nodes.append(helper.make_node("Conv", ["padded", "w"], ["y"], strides=[2, 2], pads=[1, 0, 0, 1]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 6])]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["padded"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 11, 13]))
+    inits = [numpy_helper.from_array(w, "w")] + [
+        numpy_helper.from_array(np.array([v], np.int64), k)
+        for k, v in {"start": -1, "end": -(2**63), "axis": 0, "step": -1}.items()]
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.array(value, np.float32), "value"))
+    graph = helper.make_graph(nodes, "pad_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10, 12])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_zero_pad_folds_into_the_conv_bit_identically() -> None:
+    original = _pad_conv_graph()
+    folded = onnx.ModelProto()
+    folded.CopyFrom(original)
+    assert pads_into_conv(folded) == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert _ops(folded) == {"Conv"} and [t.name for t in folded.graph.initializer] == ["w"]
+    (conv,) = folded.graph.node
+    assert conv.input[0] == "x" and helper.get_attribute_value(conv.attribute[-1]) == [1, 0, 1, 2]
+    x = np.random.default_rng(0).standard_normal((2, 3, 10, 12)).astype(np.float32)
+    (want,) = _session(original).run(None, {"x": x})
+    (got,) = _session(folded).run(None, {"x": x})
+    assert got.shape == want.shape == (2, 4, 5, 6) and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"value": 0.5}, "non-zero padding value"),
+    ({"mode": "reflect"}, "reflect padding"),
+    ({"second_reader": True}, "the padded tensor has another reader"),
+])
+def test_pads_that_are_not_a_conv_s_own_padding_stay(kwargs: dict, why: str) -> None:
+    model = _pad_conv_graph(**kwargs)
+    before = model.SerializeToString()
+    assert pads_into_conv(model) == 0, why
+    assert model.SerializeToString() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The real networks: original torch export vs rewritten, on real faces and on random inputs
 
 
@@ -140,9 +201,15 @@ def _export(model: torch.nn.Module, input_size: tuple[int, int], path: Path) -> 
 
 
 def _compare(original: onnx.ModelProto, inputs: dict[str, np.ndarray], figures, label: str) -> None:
-    rewritten, n = _rewritten(original)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(original)
+    made = rewrite(rewritten)
+    onnx.checker.check_model(rewritten, full_check=True)
+    n = made["PRelu as Relu"]
     prelus = sum(node.op_type == "PRelu" for node in original.graph.node)
     assert prelus > 0 and n == prelus and "PRelu" not in _ops(rewritten)
+    pads = sum(node.op_type == "Pad" for node in original.graph.node)
+    assert made["Pad into Conv"] == pads and "Pad" not in _ops(rewritten)  # every Pad here feeds a Conv
     before, after = _session(original), _session(rewritten)
     for kind, x in inputs.items():
         (want,) = before.run(None, {"input": x})
@@ -206,6 +273,31 @@ def test_default_export_ships_rewritten(models_dir: Path):
     if not path.is_file():
         pytest.skip(f"{path} is absent: run `make models`")
     model = onnx.load(str(path))
-    assert "PRelu" not in _ops(model) and "Relu" in _ops(model)
+    assert not _ops(model) & {"PRelu", "Pad"} and "Relu" in _ops(model)
+    assert _ops(model) == {"Conv", "Mul", "Relu", "Add", "Flatten"}  # the constant chains went with the Pads
     # The exporter's name records the rewrite, so a file exported before it reads as stale to `make models`.
     assert REWRITES in exporter_name() and read_metadata(path)["face.exporter"] == exporter_name()
+
+
+def test_cli_no_rewrite_keeps_the_torch_graph_and_says_so(weights_dir: Path, tmp_path: Path, capsys):
+    """`--no-rewrite` (for comparisons, benchmarks/embedder_graphs.py): PRelus kept, parity still judged, and the
+    file's face.exporter does not claim the rewrites."""
+    import argparse
+
+    path = weights_dir / "mobilefacenet_casia_arcface_068.ckpt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    parser = argparse.ArgumentParser()
+    mfn.add_arguments(parser)
+    outs = {}
+    for flag in ([], ["--no-rewrite"]):
+        out = tmp_path / f"casia{''.join(flag)}.onnx"
+        assert mfn.run(parser.parse_args(["--checkpoint", str(path), "--layout", "casia", "--out", str(out), *flag])) == 0
+        outs[bool(flag)] = out
+    kept, rewritten = onnx.load(str(outs[True])), onnx.load(str(outs[False]))
+    assert "PRelu" in _ops(kept) and "PRelu" not in _ops(rewritten)
+    assert read_metadata(outs[True])["face.exporter"] == exporter_name(rewrite=False)
+    assert REWRITES not in exporter_name(rewrite=False)
+    x = mfn.sample_inputs(mfn.checkpoint_metadata("casia", path, "0" * 64), n=3, seed=5).numpy()
+    np.testing.assert_allclose(_session(kept).run(None, {"input": x})[0], _session(rewritten).run(None, {"input": x})[0],
+                               atol=ATOL)
