@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the code paths, not the speed")
     parser.add_argument("--no-peer", action="store_true", help="skip face_recognition")
     parser.add_argument("--gallery-sizes", default="10000,100000,1000000")
+    parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "data" / "weights",
+                        help="the shared checkpoints (the foamliu MobileFaceNet, the embedder graph's baseline)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -119,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in emb_rows:
         print(f"  batch {r['batch']:>2}, {r['threads']} thread(s): {r['batch_ms']:6.1f} ms per batch, "
               f"{r['per_face_ms']:5.2f} ms per face")
+
+    # 2b. The embedder's forward pass against the foamliu export and the un-rewritten graph, side by side.
+    from benchmarks import embedder_graphs
+
+    graphs = embedder_graphs.run(args.models_dir, args.photos, args.weights, runs=3 if quick else 60,
+                                 profile_runs=2 if quick else 20)
 
     # 3. HTTP against a real server process.
     workdir = Path(tempfile.mkdtemp(prefix="facerec-bench-"))
@@ -187,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
-                     galleries, identify, peer_result, peer_missing, ratios, quick)
+                     galleries, identify, peer_result, peer_missing, ratios, quick, graphs)
         print(f"\nwrote {args.out}")
     return 0
 
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
-                 identify, peer_result, peer_missing, ratios, quick) -> None:
+                 identify, peer_result, peer_missing, ratios, quick, graphs) -> None:
+    from benchmarks.embedder_graphs import report as graphs_report
+
     lines = [
         "# Benchmarks",
         "",
@@ -231,6 +241,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         *table(["threads", "batch", "ms per batch", "ms per face"],
                [[r["threads"], r["batch"], f(r["batch_ms"]), f(r["per_face_ms"], ".2f")] for r in emb_rows]),
         "",
+        *graphs_report(graphs),
         "## HTTP, a real server process",
         "",
         ("`python -m service` on a free port, configured only by environment (`FACE_MODELS_DIR`, "
