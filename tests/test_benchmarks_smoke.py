@@ -61,9 +61,11 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
     assert "| /verify | 16 |" in report
     # The embedder graphs were built and timed side by side (the foamliu baseline needs ../shared's weights).
     graphs = [line for line in report.splitlines() if line.startswith(("| shipped", "| PRelu graph", "| foamliu"))]
-    assert len(graphs) == 6, report  # a timing row and a profile row each
-    assert "PRelu" in next(g for g in graphs[3:] if g.startswith("| PRelu graph"))
-    assert "PRelu" not in next(g for g in graphs[3:] if g.startswith("| shipped"))
+    # A timing row and a kernel-profile row each, and an Embedder.embed row for the two 192-d graphs.
+    assert len(graphs) == 8, report
+    profiles = {g.split("|")[1].strip(): g.split("|")[3] for g in graphs[-3:]}  # graph -> "by operator" column
+    assert "PRelu " in profiles["PRelu graph (--no-rewrite)"] and "Conv " in profiles["foamliu (ReLU6)"]
+    assert "PRelu" not in profiles["shipped (rewritten)"] and "Pad" not in profiles["shipped (rewritten)"]
 
 
 def test_peer_runs_when_installed(faces_dir):
