@@ -1,6 +1,6 @@
 """Graph rewrites the exporter applies to every ONNX file, so that ONNX Runtime's CPU provider runs it fast.
 
-One rewrite today: `PRelu(z, s)` with a constant slope becomes
+First, `PRelu(z, s)` with a constant slope becomes
 
     y = z + b * Relu(c * z),   c = -|1 - s|,   b = sign(1 - s) (+1 where s == 1)
 
