@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gallery-sizes", default="10000,100000,1000000")
     parser.add_argument("--pg-sizes", default="100000",
                         help="PostgreSQL gallery sizes (benchmarks/pg_search.py); empty to skip")
+    parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "data" / "weights",
+                        help="the shared checkpoints (the foamliu MobileFaceNet, the embedder graph's baseline)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -121,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in emb_rows:
         print(f"  batch {r['batch']:>2}, {r['threads']} thread(s): {r['batch_ms']:6.1f} ms per batch, "
               f"{r['per_face_ms']:5.2f} ms per face")
+
+    # 2b. The embedder's forward pass against the foamliu export and the un-rewritten graph, side by side.
+    from benchmarks import embedder_graphs
+
+    graphs = embedder_graphs.run(args.models_dir, args.photos, args.weights, runs=3 if quick else 60,
+                                 profile_runs=2 if quick else 20)
 
     # 3. HTTP against a real server process.
     workdir = Path(tempfile.mkdtemp(prefix="facerec-bench-"))
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
-                     galleries, identify, peer_result, peer_missing, ratios, quick, pg_rows, pg_http, decoders)
+                     galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
+                     decoders)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -232,8 +241,10 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
 
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
-                 identify, peer_result, peer_missing, ratios, quick, pg_rows=(), pg_http=(), decoders=()) -> None:
+                 identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
+                 decoders=()) -> None:
     from benchmarks import pg_search
+    from benchmarks.embedder_graphs import report as graphs_report
 
     lines = [
         "# Benchmarks",
@@ -272,6 +283,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         *table(["threads", "batch", "ms per batch", "ms per face"],
                [[r["threads"], r["batch"], f(r["batch_ms"]), f(r["per_face_ms"], ".2f")] for r in emb_rows]),
         "",
+        *graphs_report(graphs),
         "## HTTP, a real server process",
         "",
         ("`python -m service` on a free port, configured only by environment (`FACE_MODELS_DIR`, "

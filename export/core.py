@@ -5,7 +5,8 @@
 1. checks the caller's `face.*` metadata against docs/model-contract.md (the service refuses files whose
    metadata is missing or inconsistent, so we refuse to write them in the first place);
 2. exports with input `input` (float32, NCHW, batch dynamic; height/width dynamic for detectors);
-3. writes the metadata into `metadata_props` and runs `onnx.checker` with `full_check=True`;
+3. rewrites what ONNX Runtime's CPU provider runs slowly into equivalents it runs fast (export/onnx_rewrite.py:
+   PRelu, Pad before Conv), writes the metadata into `metadata_props` and runs `onnx.checker` with `full_check=True`;
 4. runs ONNX Runtime (CPUExecutionProvider, what the service uses) against PyTorch on real inputs at batch 1,
    at the full batch (proves the dynamic batch axis), and for dynamic_hw at a second spatial size;
 5. only then moves the file into place (tmp + rename), so a failed export never leaves a file that looks valid;
@@ -33,6 +34,9 @@ import onnx
 import onnxruntime as ort
 import torch
 from tqdm import tqdm
+
+from export.onnx_rewrite import REWRITES
+from export.onnx_rewrite import rewrite as rewrite_graph
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +175,15 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def exporter_name() -> str:
+def exporter_name(rewrite: bool = True) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ours = version("facerec")
     except PackageNotFoundError:  # a plain checkout, not installed: fall back to the source version
         ours = "0.1.0"
-    return f"facerec-export {ours} (torch {torch.__version__}, opset {OPSET})"
+    # The rewrites are named: the same weights, torch and opset give a different graph when they change.
+    return f"facerec-export {ours} (torch {torch.__version__}, opset {OPSET}{', ' + REWRITES if rewrite else ''})"
 
 
 def export_onnx(
@@ -192,6 +197,7 @@ def export_onnx(
     atol: float = 1e-4,
     min_cosine: float | None = None,
     variants: Sequence[str] = ("fp32",),
+    rewrite: bool = True,
 ) -> ExportReport:
     """Export `model` to `out_path` as ONNX with contract metadata, and prove ORT reproduces PyTorch.
 
@@ -201,6 +207,8 @@ def export_onnx(
     atol: largest allowed max |torch - ORT| over all outputs, fp32.
     min_cosine: for embedders, the smallest allowed per-row cosine between torch and ORT embeddings, fp32.
     variants: "fp32" is always written; "fp16" / "int8" add `name.fp16.onnx` / `name.int8.onnx` beside it.
+    rewrite: apply export/onnx_rewrite.py (default); False keeps the graph as torch.onnx.export wrote it (for
+        comparisons such as benchmarks/embedder_graphs.py).
 
     Raises ExportError (and leaves no file behind) when metadata is incomplete, the checker fails, or parity
     is beyond tolerance.
@@ -236,7 +244,12 @@ def export_onnx(
         steps.set_postfix_str("torch.onnx.export")
         _torch_export(model, sample, tmp, output_names, dynamic_hw)
         proto = onnx.load(str(tmp))
-        _set_metadata(proto, {**meta, "face.exporter": exporter_name(), "face.precision": "fp32"})
+        # Before parity: the rewritten graph is the one judged against PyTorch, at the same tolerances.
+        if rewrite:
+            made = rewrite_graph(proto)
+            log.info("%s: rewritten for ONNX Runtime: %s", out_path.name, ", ".join(f"{k} {v}" for k, v in made.items()))
+        name = exporter_name(rewrite)
+        _set_metadata(proto, {**meta, "face.exporter": name, "face.precision": "fp32"})
         _save_checked(proto, tmp)
         steps.update()
 
@@ -250,7 +263,7 @@ def export_onnx(
             steps.set_postfix_str(f"{precision} variant")
             variant_path = out_path.with_name(f"{out_path.stem}.{precision}{out_path.suffix}")
             with _temp_beside(variant_path) as vtmp:
-                _write_variant(precision, out_path, vtmp, meta)
+                _write_variant(precision, out_path, vtmp, meta, name)
                 cos = VARIANT_MIN_COSINE[precision] if kind == "embedder" else None
                 report = _judge(precision, vtmp, variant_path, reference, expected, kind, None, cos)
                 os.replace(vtmp, variant_path)
@@ -414,7 +427,7 @@ def _save_checked(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def _write_variant(precision: str, fp32_path: Path, out: Path, meta: Mapping[str, str]) -> None:
+def _write_variant(precision: str, fp32_path: Path, out: Path, meta: Mapping[str, str], exporter: str) -> None:
     if precision == "fp16":
         from onnxconverter_common import float16
 
@@ -436,7 +449,7 @@ def _write_variant(precision: str, fp32_path: Path, out: Path, meta: Mapping[str
         proto = onnx.load(str(out))
     else:  # pragma: no cover - guarded by PRECISIONS
         raise ExportError(f"no writer for precision {precision!r}")
-    _set_metadata(proto, {**meta, "face.exporter": exporter_name(), "face.precision": precision})
+    _set_metadata(proto, {**meta, "face.exporter": exporter, "face.precision": precision})
     _save_checked(proto, out)
 
 

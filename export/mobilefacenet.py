@@ -228,6 +228,7 @@ def export_model(
     out: Path,
     parity_inputs: torch.Tensor | None = None,
     variants: tuple[str, ...] = ("fp32",),
+    rewrite: bool = True,
 ) -> ExportReport:
     sample = sample_inputs(meta, n=2)
     return export_onnx(
@@ -240,6 +241,7 @@ def export_model(
         atol=1e-4,
         min_cosine=0.99999,
         variants=variants,
+        rewrite=rewrite,
     )
 
 
@@ -276,6 +278,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where npm's tarball is kept")
     parser.add_argument("--variants", nargs="*", default=[], choices=["fp16", "int8"],
                         help="also write reduced-precision variants beside the fp32 file")
+    parser.add_argument("--no-rewrite", dest="rewrite", action="store_false",
+                        help="keep the graph as torch.onnx.export writes it (PRelu and all; slower on ONNX Runtime): "
+                        "for comparisons, see benchmarks/embedder_graphs.py")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
         if out is None:
             name = DEFAULT_FILE_NAME if args.layout == "tflite" else f"mobilefacenet_{args.layout}.onnx"
             out = ROOT / "artifacts" / "models" / name
-        report = export_model(build(args.layout, checkpoint), meta, out, variants=("fp32", *args.variants))
+        report = export_model(build(args.layout, checkpoint), meta, out, variants=("fp32", *args.variants),
+                              rewrite=args.rewrite)
     # CheckpointError and TFLiteLayoutError are ValueErrors; OSError: an unreadable input or unwritable --out.
     except (ExportError, FetchError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

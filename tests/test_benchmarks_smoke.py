@@ -42,12 +42,12 @@ def test_gallery_fill_is_searchable(tmp_path):
         assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
-def test_quick_run_writes_the_report(models_dir, faces_dir, tmp_path, capsys):
+def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_path, capsys):
     if not (models_dir / "mobilefacenet_192.onnx").is_file():
         pytest.skip("default embedder not built")
     out = tmp_path / "BENCH.md"
     assert main(["--quick", "--no-peer", "--models-dir", str(models_dir), "--photos", str(faces_dir),
-                 "--out", str(out)]) == 0
+                 "--weights", str(weights_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     # Every HTTP load line reports its error count: all must be zero ("10 errors" must not pass for "0 errors").
     error_counts = [int(n) for n in re.findall(r"(\d+) errors\)", printed)]
@@ -55,11 +55,18 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, tmp_path, capsys):
     assert len(error_counts) == 7 and error_counts == [0] * 7, printed
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
-    for heading in ("## Detector", "## Embedder", "## HTTP", "## 1:N identification", "## The peer",
-                    "## 1:N identification in PostgreSQL"):
+    for heading in ("## Detector", "## Embedder", "## Embedder graph", "## HTTP", "## 1:N identification",
+                    "## The peer", "## 1:N identification in PostgreSQL"):
         assert heading in report
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report
+    # The embedder graphs were built and timed side by side (the foamliu baseline needs ../shared's weights).
+    graphs = [line for line in report.splitlines() if line.startswith(("| shipped", "| PRelu graph", "| foamliu"))]
+    # A timing row and a kernel-profile row each, and an Embedder.embed row for the two 192-d graphs.
+    assert len(graphs) == 8, report
+    profiles = {g.split("|")[1].strip(): g.split("|")[3] for g in graphs[-3:]}  # graph -> "by operator" column
+    assert "PRelu " in profiles["PRelu graph (--no-rewrite)"] and "Conv " in profiles["foamliu (ReLU6)"]
+    assert "PRelu" not in profiles["shipped (rewritten)"] and "Pad" not in profiles["shipped (rewritten)"]
 
 
 def test_peer_runs_when_installed(faces_dir):
