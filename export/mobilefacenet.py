@@ -78,6 +78,17 @@ LFW_DEV_LOFO_ACCURACY = 0.9943  # leave-one-fold-out, std 0.0044 (without mirror
 FLIP = True  # mirror averaging measured better on lfw-dev: LOFO 99.43 % vs 99.33 %, AUC 0.99923 vs 0.99918
 
 
+# Earlier files of this same network, whose embeddings this file reproduces (the graph rewrite keeps outputs within
+# 2e-5, tests/test_onnx_rewrite.py): a gallery re-tags faces they made as this model's instead of leaving them
+# foreign. The first is the default recognizer file of the previous release (torch's graph, no FAR table: faces
+# were then tagged with the whole file's sha256), the second that graph's model id. tests/test_onnx_rewrite.py
+# rebuilds it with `--no-rewrite` and checks both.
+EARLIER_IDS = [
+    "cc983d3ed55535575a8da65044ed1108b0a21551c827c5ba0130e39ec72fa09b",
+    "44b18ec4a47e843db49d921791ee6b6a77704193afc4322569b5a6c7965a3dca",
+]
+
+
 def tflite_metadata() -> dict[str, object]:
     meta: dict[str, object] = {
         "face.kind": "embedder",
@@ -93,6 +104,7 @@ def tflite_metadata() -> dict[str, object]:
         "face.embedder.template": ARCFACE_TEMPLATE_112,
         "face.embedder.embedding_size": 192,
         "face.embedder.flip": FLIP,
+        "face.embedder.earlier_ids": EARLIER_IDS,
     }
     if THRESHOLD_RULE:
         meta["face.embedder.threshold"] = THRESHOLD

@@ -8,6 +8,7 @@ a file whose metadata is missing or inconsistent with its graph is refused with 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,6 +111,12 @@ class Embedder:
                 )
                 log.warning(self.far_table_warning)
         self.flip: bool = meta.boolean("face.embedder.flip", default=False) if flip is None else bool(flip)
+        # Ids of earlier files of this network that the exporter vouches for (docs/model-contract.md).
+        declared = meta.json("face.embedder.earlier_ids", optional=True) or []
+        if not (isinstance(declared, list) and len(declared) <= 100
+                and all(isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s) for s in declared)):
+            raise meta.error("face.embedder.earlier_ids", "must be a list of at most 100 sha256 hex strings")
+        self.earlier_ids = sorted({*self.earlier_ids, *declared} - {self.model_id})
 
         # (pixel - mean) / std == pixel * scale + offset, in the network's channel order.
         self._scale = (1.0 / np.asarray(std, dtype=np.float32)).astype(np.float32)

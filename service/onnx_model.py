@@ -81,8 +81,9 @@ def protobuf_fields(data) -> list[tuple[int, int, int, int, int]]:
     return fields
 
 
-def model_identity(path: str | Path, *, ignored_metadata: Sequence[str] = ("face.embedder.far_table",)
-                   ) -> tuple[str, list[str]]:
+def model_identity(
+    path: str | Path, *, ignored_metadata: Sequence[str] = ("face.embedder.far_table", "face.embedder.earlier_ids")
+) -> tuple[str, list[str]]:
     """(model id, earlier ids of the same model) for the gallery.
 
     The id is the sha256 of the file without its `metadata_props`: the network's graph and weights. Embeddings

