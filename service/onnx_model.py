@@ -93,29 +93,37 @@ def model_identity(
     (the file as it was before such an entry was added), so a gallery can re-tag those faces as this model's.
     Reads the protobuf's top level only (no `onnx` package in the service).
     """
+    import itertools
     import mmap
 
+    # Every subset of the ignored keys may be the one added since: one digest per subset left out.
+    subsets = [frozenset(c) for r in range(1, len(ignored_metadata) + 1)
+               for c in itertools.combinations(ignored_metadata, r)]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         try:
             fields = protobuf_fields(data)
         except ValueError as exc:
             raise ModelError(f"{path}: not an ONNX protobuf ({exc})", details={"path": str(path)}) from None
-        graph, whole, without = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        graph, whole = hashlib.sha256(), hashlib.sha256()
+        without = {subset: hashlib.sha256() for subset in subsets}
         try:
             for number, start, end, payload_start, payload_end in fields:
                 with memoryview(data)[start:end] as record:  # hashed in place: no copy of a large graph
                     whole.update(record)
                     if number != _METADATA_FIELD:
                         graph.update(record)
-                        without.update(record)
+                        for digest in without.values():
+                            digest.update(record)
                         continue
                 entry = bytes(data[payload_start:payload_end])  # one metadata entry: small
                 key = next((entry[s:e] for n, _, _, s, e in protobuf_fields(entry) if n == _KEY_FIELD), b"")
-                if key.decode("utf-8", "replace") not in ignored_metadata:
-                    without.update(data[start:end])
+                name = key.decode("utf-8", "replace")
+                for subset, digest in without.items():
+                    if name not in subset:
+                        digest.update(data[start:end])
         except ValueError as exc:
             raise ModelError(f"{path}: not an ONNX protobuf ({exc})", details={"path": str(path)}) from None
-    earlier = sorted({whole.hexdigest(), without.hexdigest()})
+    earlier = sorted({whole.hexdigest(), *(d.hexdigest() for d in without.values())})
     return graph.hexdigest(), earlier
 
 
