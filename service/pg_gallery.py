@@ -65,6 +65,7 @@ SCHEMA_VERSION = 1
 # hnsw.ef_search: candidates the index returns per query. Recall against exact search is measured by
 # `python -m benchmarks` (BENCHMARKS.md); 100 is pgvector's own recommendation for high recall.
 EF_SEARCH = 100
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search; past it, the exact fallback answers
 POOL_SIZE = 4
 _SCHEMA_LOCK = 0x66616365  # "face": pg_advisory_xact_lock key held while the schema is created or checked
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -91,8 +92,9 @@ CREATE INDEX faces_by_model ON faces (model_sha256, identity_id);
 """
 
 # Errors a retry can cure: the server is down or restarting, the connection broke, a statement timed out, a
-# deadlock or serialisation failure. Anything else (a bug, bad SQL) stays a 500 with its traceback in the log.
-_TRANSIENT = (psycopg.OperationalError, PoolTimeout, PoolClosed)
+# deadlock or serialisation failure, a write that reached a read-only standby during a fail-over. Anything else
+# (a bug, bad SQL) stays a 500 with its traceback in the log.
+_TRANSIENT = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, PoolTimeout, PoolClosed)
 
 
 def redact(url: str) -> str:
@@ -210,6 +212,8 @@ class PostgresGallery:
         self.model_sha256 = model_sha256
         self.embedding_size = int(embedding_size)
         self.concurrency = pool_size
+        if not 1 <= int(ef_search) <= MAX_EF_SEARCH:
+            raise ValueError(f"ef_search must be between 1 and {MAX_EF_SEARCH}")
         self.ef_search = int(ef_search)
         self.url = url
         self.timeout_s = float(timeout_s)
@@ -423,7 +427,7 @@ class PostgresGallery:
     def _search_one(
         self, conn: psycopg.Connection, query: np.ndarray, top_k: int, threshold: float | None
     ) -> list[Match]:
-        ef = max(self.ef_search, 4 * top_k)
+        ef = min(MAX_EF_SEARCH, max(self.ef_search, 4 * top_k))
         nearest = sql.SQL(
             "SELECT identity_id, 1 - ({vector} <=> %s) FROM faces WHERE model_sha256 = {model} "
             "ORDER BY {vector} <=> %s LIMIT %s"
