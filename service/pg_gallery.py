@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -67,6 +68,8 @@ SCHEMA_VERSION = 1
 # hnsw.ef_search: candidates the index returns per query. Recall against exact search is measured by
 # `python -m benchmarks` (BENCHMARKS.md); 100 is pgvector's own recommendation for high recall.
 EF_SEARCH = 100
+COUNT_REUSE_S = 1.0  # how long count_faces / count_searchable_identities reuse a count (see _recent_count)
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search; past it, the exact fallback answers
 POOL_SIZE = 4
 _SCHEMA_LOCK = 0x66616365  # "face": pg_advisory_xact_lock key held while the schema is created or checked
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -103,8 +106,9 @@ CREATE TABLE templates (
 """
 
 # Errors a retry can cure: the server is down or restarting, the connection broke, a statement timed out, a
-# deadlock or serialisation failure. Anything else (a bug, bad SQL) stays a 500 with its traceback in the log.
-_TRANSIENT = (psycopg.OperationalError, PoolTimeout, PoolClosed)
+# deadlock or serialisation failure, a write that reached a read-only standby during a fail-over. Anything else
+# (a bug, bad SQL) stays a 500 with its traceback in the log.
+_TRANSIENT = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, PoolTimeout, PoolClosed)
 
 
 def redact(url: str) -> str:
@@ -224,9 +228,14 @@ class PostgresGallery:
         self.model_sha256 = model_sha256
         self.embedding_size = int(embedding_size)
         self.concurrency = pool_size
+        if not 1 <= int(ef_search) <= MAX_EF_SEARCH:
+            raise ValueError(f"ef_search must be between 1 and {MAX_EF_SEARCH}")
         self.ef_search = int(ef_search)
         self.url = url
         self.timeout_s = float(timeout_s)
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._counts_lock = threading.Lock()
+        self._writes = 0  # this handle's completed writes, so that a count racing one is not kept
         prepare_database(url, model_sha256, self.embedding_size, timeout_s)
         self._retag(earlier_ids)
         self._model = sql.Literal(model_sha256)  # a literal, not a parameter: the planner must see the
@@ -354,6 +363,7 @@ class PostgresGallery:
                 (identity_id, self.model_sha256, vectors.astype(np.float64).sum(axis=0).astype(np.float32),
                  len(vectors)),
             )
+        self._forget_counts()
         return face_ids
 
     def delete_identity(self, identity_id: str) -> int:
@@ -366,6 +376,7 @@ class PostgresGallery:
             ).fetchone()
             if conn.execute("DELETE FROM identities WHERE id = %s", (identity_id,)).rowcount == 0:
                 raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+        self._forget_counts()
         return count
 
     def delete_face(self, identity_id: str, face_id: str) -> None:
@@ -392,6 +403,7 @@ class PostgresGallery:
                 "GROUP BY identity_id, model_sha256",
                 (identity_id,),
             )
+        self._forget_counts()
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -453,16 +465,44 @@ class PostgresGallery:
         with self._connection() as conn:
             return conn.execute(query).fetchone()[0]
 
+    def _recent_count(self, name: str, query: sql.Composable) -> int:
+        """A count over the model's faces, reused for COUNT_REUSE_S. These counts scan an index (12 ms at 100k
+        faces, ten times that at 1M) and are asked on every enrolment (the metrics gauge) and possibly every 1:N
+        decision. Reusing one for a second is safe: it is a number, never a face, so it cannot make a deleted
+        face match; this replica's own writes drop it at once, other replicas' show within the second."""
+        now = time.monotonic()
+        with self._counts_lock:
+            cached = self._counts.get(name)
+            if cached is not None and now - cached[1] < COUNT_REUSE_S:
+                return cached[0]
+            generation = self._writes
+        value = self._count(query)
+        with self._counts_lock:
+            if generation == self._writes:  # no write of ours ended while it counted: the count includes them all
+                self._counts[name] = (value, now)
+        return value
+
+    def _forget_counts(self) -> None:
+        with self._counts_lock:
+            self._writes += 1
+            self._counts.clear()
+
     def count_identities(self) -> int:
         return self._count(sql.SQL("SELECT count(*) FROM identities"))
 
     def count_faces(self) -> int:
-        """Faces searchable with the current model."""
-        return self._count(sql.SQL("SELECT count(*) FROM faces WHERE model_sha256 = {}").format(self._model))
+        """Faces searchable with the current model (see _recent_count)."""
+        return self._recent_count(
+            "faces", sql.SQL("SELECT count(*) FROM faces WHERE model_sha256 = {}").format(self._model)
+        )
 
     def count_searchable_identities(self) -> int:
-        """Identities with at least one face of the current model (what a 1:N decision compares a probe with)."""
-        return self._count(sql.SQL("SELECT count(*) FROM templates WHERE model_sha256 = {}").format(self._model))
+        """Identities with at least one face of the current model (what a 1:N decision compares a probe with;
+        see _recent_count)."""
+        return self._recent_count(
+            "searchable",
+            sql.SQL("SELECT count(*) FROM templates WHERE model_sha256 = {}").format(self._model),
+        )
 
     def count_foreign(self) -> int:
         """Faces enrolled with another model: kept, never compared with the current model's."""
@@ -487,7 +527,7 @@ class PostgresGallery:
     ) -> list[Match]:
         # One template per identity, so the index's nearest rows are the answer itself: no grouping, and the
         # distances it orders by are exact for the rows it returns. ef_search bounds how many it explores.
-        ef = max(self.ef_search, top_k)
+        ef = min(MAX_EF_SEARCH, max(self.ef_search, top_k))
         nearest = sql.SQL(
             "SELECT t.identity_id, 1 - t.distance, t.faces, i.display_name FROM ("
             "  SELECT identity_id, {vector} <=> %s AS distance, faces FROM templates WHERE model_sha256 = {model} "

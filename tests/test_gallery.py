@@ -102,7 +102,7 @@ def test_search_matches_brute_force(gallery: Gallery) -> None:
     queries[:10] = [
         next(iter(enrolled[f"person-{i:03d}"].values())) + rng.normal(scale=0.5, size=D) for i in range(10)
     ]
-    for top_k, threshold in [(1, None), (5, None), (40, None), (100, None), (5, 0.3), (3, 0.99)]:
+    for top_k, threshold in [(1, None), (5, None), (40, None), (100, None), (5, 0.3), (3, 0.99), (300, None)]:
         results = gallery.search(queries, top_k=top_k, threshold=threshold)
         assert len(results) == len(queries)
         for query, matches in zip(queries, results):

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,20 @@ def test_the_server_refuses_a_gallery_it_cannot_use(models_dir, postgres, databa
         assert "FACE_GALLERY_URL" in done.stderr and reason in done.stderr, done.stderr[-2000:]
         assert "secret" not in done.stderr  # no password in the message
         assert "Traceback" not in done.stderr
+
+
+def test_counts_follow_own_writes_at_once_and_other_replicas_within_a_second(database) -> None:
+    from service.pg_gallery import COUNT_REUSE_S
+
+    rng = np.random.default_rng(1)
+    with PostgresGallery(database, MODEL, D) as one, PostgresGallery(database, MODEL, D) as other:
+        assert (one.count_faces(), other.count_faces(), other.count_searchable_identities()) == (0, 0, 0)
+        one.enroll("alice", unit(rng.normal(size=(2, D))))
+        assert (one.count_faces(), one.count_searchable_identities()) == (2, 1)  # its own write: at once
+        # The other replica may reuse its count for COUNT_REUSE_S; a search there sees the faces at once anyway.
+        assert other.search(unit(rng.normal(size=(1, D))), top_k=1)[0][0].identity_id == "alice"
+        time.sleep(COUNT_REUSE_S + 0.1)
+        assert (other.count_faces(), other.count_searchable_identities()) == (2, 1)
+        other.delete_identity("alice")
+        assert (other.count_faces(), other.count_searchable_identities()) == (0, 0)
+        assert one.search(unit(rng.normal(size=(1, D))), top_k=1) == [[]]  # never a deleted face, counts aside
