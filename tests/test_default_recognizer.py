@@ -281,7 +281,9 @@ def test_pinned_far_table_still_follows_its_rule(lfw_people, figures):
     # Every pinned point up to where it was counted: the same rate today, within a few pairs of rounding noise.
     worst = 0.0
     for t, far in zip(pinned.thresholds, pinned.far):
-        if t <= pinned.measured_to:
+        # Where both tables counted: each starts one step before its FAR falls under 0.2, which a few pairs'
+        # difference can move by a step; below its first point a table answers 1 (it knows nothing there).
+        if measured.thresholds[0] <= t <= pinned.measured_to:
             again = measured.far_at(t)
             worst = max(worst, abs(again - far) * pairs)
             assert abs(again - far) <= max(0.02 * far, 5 / pairs), (t, far, again)
