@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.decision import FarTable, fpir
+from service.decision import FarTable
 
 # Score histogram resolution for FAR counting: thresholds are multiples of this, counts exact at each one.
 FAR_STEP = 0.001
@@ -158,12 +158,6 @@ def impostor_histogram(embeddings: np.ndarray, labels: np.ndarray, step: float =
     return edges, counts, pairs
 
 
-def far_curve(edges: np.ndarray, counts: np.ndarray, pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholds, exceed counts): how many impostor scores are >= each bin edge."""
-    exceed = np.r_[np.cumsum(counts[::-1])[::-1], 0]
-    return edges, exceed
-
-
 def build_far_table(edges: np.ndarray, counts: np.ndarray, pairs: int, *, rule: str, step: float = 0.01,
                     min_count: int = MIN_FAR_COUNT, start_far: float = 0.2, fit_decades: float = 1.5
                     ) -> FarTable:
@@ -174,7 +168,8 @@ def build_far_table(edges: np.ndarray, counts: np.ndarray, pairs: int, *, rule: 
     measured FAR (the tail of impostor cosines is close to exponential there) and continued in `step`s until the
     rate falls under 1e-12, flagged by `measured_to`.
     """
-    thresholds, exceed = far_curve(edges, counts, pairs)
+    thresholds = edges
+    exceed = np.r_[np.cumsum(counts[::-1])[::-1], 0]  # impostor scores >= each bin edge
     far = exceed / pairs
     grid_index = np.arange(0, len(thresholds), max(1, round(step / (thresholds[1] - thresholds[0]))))
     supported = grid_index[(exceed[grid_index] >= min_count) & (far[grid_index] <= start_far)]
@@ -212,10 +207,6 @@ def build_far_table(edges: np.ndarray, counts: np.ndarray, pairs: int, *, rule: 
         rule=rule,
         extrapolation=extrapolation,
     )
-
-
-def predicted_fpir(table: FarTable, threshold: float, identities: int) -> float:
-    return fpir(table.far_at(threshold), identities)
 
 
 # --- the protocol -----------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from service.onnx_model import (
     ModelMetadata,
     check_io,
     create_session,
-    file_sha256,
     model_identity,
     read_metadata,
 )
@@ -64,10 +63,11 @@ class Embedder:
         else:
             self.path = Path(model)
             self.session = create_session(self.path, options=session_options)
-            self.sha256 = sha256 or file_sha256(self.path)
             # What the gallery tags embeddings with: the graph's sha256, so that a metadata change (a new FAR
             # table, a threshold) keeps enrolled faces comparable; earlier_ids are the tags older releases wrote.
-            self.model_id, self.earlier_ids = model_identity(self.path)
+            identity = model_identity(self.path)
+            self.model_id, self.earlier_ids = identity.model_id, identity.earlier
+            self.sha256 = sha256 or identity.file_sha256
             source = self.path.name
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")

@@ -372,12 +372,15 @@ class Gallery:
 
     def _retag(self, earlier_ids: Sequence[str]) -> None:
         others = sorted({s for s in earlier_ids if s and s != self.model_sha256})
-        if not others:
+        marks = ",".join("?" * len(others))
+        # Usually nothing to move: look first (faces_by_model), so that a start does not write and fsync for nothing.
+        if not others or self._db.execute(
+            f"SELECT 1 FROM faces WHERE model_sha256 IN ({marks}) LIMIT 1", others
+        ).fetchone() is None:
             return
         with self._transaction() as db:
             moved = db.execute(
-                f"UPDATE faces SET model_sha256 = ? WHERE model_sha256 IN ({','.join('?' * len(others))})",
-                (self.model_sha256, *others),
+                f"UPDATE faces SET model_sha256 = ? WHERE model_sha256 IN ({marks})", (self.model_sha256, *others)
             ).rowcount
         if moved:
             log.warning(

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnxruntime as ort
 
@@ -81,10 +81,16 @@ def protobuf_fields(data) -> list[tuple[int, int, int, int, int]]:
     return fields
 
 
+class ModelIdentity(NamedTuple):
+    model_id: str  # sha256 of the file without its metadata: what the gallery tags embeddings with
+    earlier: list[str]  # ids older releases tagged this same network's faces with
+    file_sha256: str  # the whole file's sha256 (what `sha256sum` prints)
+
+
 def model_identity(
     path: str | Path, *, ignored_metadata: Sequence[str] = ("face.embedder.far_table", "face.embedder.earlier_ids")
-) -> tuple[str, list[str]]:
-    """(model id, earlier ids of the same model) for the gallery.
+) -> ModelIdentity:
+    """The model id, earlier ids of the same model, and the file's sha256, from one read of the file.
 
     The id is the sha256 of the file without its `metadata_props`: the network's graph and weights. Embeddings
     are comparable exactly when that is the same, so metadata that describes how to use a network (thresholds,
@@ -124,7 +130,7 @@ def model_identity(
         except ValueError as exc:
             raise ModelError(f"{path}: not an ONNX protobuf ({exc})", details={"path": str(path)}) from None
     earlier = sorted({whole.hexdigest(), *(d.hexdigest() for d in without.values())})
-    return graph.hexdigest(), earlier
+    return ModelIdentity(graph.hexdigest(), earlier, whole.hexdigest())
 
 
 def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0) -> ort.SessionOptions:

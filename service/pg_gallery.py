@@ -326,8 +326,6 @@ class PostgresGallery:
         vectors, metadata_json = check_enrolment(
             identity_id, embeddings, self.embedding_size, display_name, metadata, sources
         )
-        if display_name is not None and "\x00" in display_name:  # PostgreSQL text cannot hold NUL
-            raise InvalidParameter("display_name must not contain NUL characters")
         now = time.time()
         face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
         rows = [

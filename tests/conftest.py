@@ -63,6 +63,14 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture
+def database(postgres):
+    """A fresh, empty database on the session's server, dropped after the test: its libpq URL."""
+    url = postgres.new_database()
+    yield url
+    postgres.drop_database(url)
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The default models built by `make models` (the test command builds them first)."""

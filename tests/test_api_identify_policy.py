@@ -40,6 +40,23 @@ def crowded(models_dir, faces_dir, embedder_file, tmp_path_factory):
         yield client
 
 
+def models_with_table(models_dir, embedder_file, folder, table: str | None):
+    """A models folder: the default detector, and the default embedder with its FAR table replaced by `table`
+    (JSON text) or removed (None)."""
+    import onnx
+
+    model = onnx.load(str(embedder_file))
+    kept = [p for p in model.metadata_props if p.key != "face.embedder.far_table"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if table is not None:
+        model.metadata_props.add(key="face.embedder.far_table", value=table)
+    folder.mkdir()
+    onnx.save(model, str(folder / "mobilefacenet_192.onnx"))
+    (folder / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    return folder
+
+
 def identify(client, faces_dir, name, **params):
     response = client.post("/identify", files={"image": (name, photo(faces_dir, f"pairs/{name}"))}, params=params)
     assert response.status_code == 200, response.text
@@ -109,16 +126,7 @@ def test_a_fixed_threshold_setting_or_a_model_without_table(models_dir, faces_di
         assert decision["policy"] == "settings" and decision["threshold"] == 0.55
 
     # The same network without the table in its metadata: the 1:1 threshold, and /models says what that costs.
-    import onnx
-
-    model = onnx.load(str(embedder_file))
-    kept = [p for p in model.metadata_props if p.key != "face.embedder.far_table"]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    bare = tmp_path / "models"
-    bare.mkdir()
-    onnx.save(model, str(bare / "mobilefacenet_192.onnx"))
-    (bare / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    bare = models_with_table(models_dir, embedder_file, tmp_path / "models", None)
     with api_client(bare, tmp_path / "bare") as client:
         embedder = client.get("/models").json()["embedder"]
         assert embedder["identify"]["policy"] == "model" and embedder["identify"]["far_table"] is None
@@ -144,20 +152,11 @@ def test_a_new_far_table_keeps_enrolled_faces_comparable(models_dir, faces_dir, 
     sha256, of this file or of the same file before its table was added, are re-tagged when the gallery opens."""
     import sqlite3
 
-    import onnx
-
     from evaluate.model_table import write_far_table
     from export.mobilefacenet_far_table import FAR_TABLE
     from service.onnx_model import file_sha256
 
-    model = onnx.load(str(embedder_file))
-    kept = [p for p in model.metadata_props if p.key != "face.embedder.far_table"]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    bare = tmp_path / "models"
-    bare.mkdir()
-    onnx.save(model, str(bare / "mobilefacenet_192.onnx"))
-    (bare / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    bare = models_with_table(models_dir, embedder_file, tmp_path / "models", None)
     bare_file_sha = file_sha256(bare / "mobilefacenet_192.onnx")
     assert model_identity(bare / "mobilefacenet_192.onnx")[0] == model_identity(embedder_file)[0]
 
@@ -185,17 +184,8 @@ def test_a_new_far_table_keeps_enrolled_faces_comparable(models_dir, faces_dir, 
 def test_a_far_table_at_odds_with_the_files_own_far_is_flagged(models_dir, tmp_path, embedder_file):
     import json
 
-    import onnx
-
-    model = onnx.load(str(embedder_file))
     forged = {"thresholds": [0.0, 1.0], "far": [1e-30, 1e-31], "measured_to": 1.0, "impostor_pairs": 10}
-    for p in model.metadata_props:
-        if p.key == "face.embedder.far_table":
-            p.value = json.dumps(forged)
-    folder = tmp_path / "models"
-    folder.mkdir()
-    onnx.save(model, str(folder / "mobilefacenet_192.onnx"))
-    (folder / "retinaface_mnet025.onnx").symlink_to(models_dir / "retinaface_mnet025.onnx")
+    folder = models_with_table(models_dir, embedder_file, tmp_path / "models", json.dumps(forged))
     with api_client(folder, tmp_path / "g") as client:
         warning = client.get("/models").json()["embedder"]["identify"]["warning"]
         assert warning and "face.embedder.far says 0.0027" in warning

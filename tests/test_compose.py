@@ -110,9 +110,8 @@ def test_environment_names_are_settings(service):
     assert {"FACE_API_KEYS", "FACE_INFERENCE_WORKERS", "FACE_MATCH_THRESHOLD", "FACE_GALLERY_PATH"} <= names
 
 
-def test_compose_environment_is_a_valid_configuration(service, tmp_path, monkeypatch):
-    # What the container gets with nothing set on the host: every default must pass the settings' checks.
-    env = _environment(service)
+def settings_from(env: dict[str, str], tmp_path, monkeypatch) -> Settings:
+    """Settings as a container with exactly this environment reads them (empty model files stand in for /models)."""
     models = tmp_path / "models"
     models.mkdir()
     (models / env["FACE_DETECTOR_MODEL"]).write_bytes(b"")
@@ -122,7 +121,12 @@ def test_compose_environment_is_a_valid_configuration(service, tmp_path, monkeyp
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("FACE_MODELS_DIR", str(models))
-    settings = Settings()
+    return Settings()
+
+
+def test_compose_environment_is_a_valid_configuration(service, tmp_path, monkeypatch):
+    # What the container gets with nothing set on the host: every default must pass the settings' checks.
+    settings = settings_from(_environment(service), tmp_path, monkeypatch)
     assert settings.host == "0.0.0.0"
     assert settings.gallery_path == Path("/data/gallery.db")
     assert settings.api_keys == [] and settings.public_docs is False

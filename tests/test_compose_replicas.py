@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_compose import SCHEMA_FILE, _environment, _setting_names, _validator
+from test_compose import SCHEMA_FILE, _environment, _setting_names, _validator, settings_from
 
 from service.settings import Settings, gallery_store
 
@@ -44,16 +44,7 @@ def test_the_replicas_share_the_pgvector_database(compose, tmp_path, monkeypatch
     pg_env = _environment(postgres, {"POSTGRES_PASSWORD": "s3cret"})
 
     # What a replica gets is a valid configuration whose gallery is that database.
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / env["FACE_DETECTOR_MODEL"]).write_bytes(b"")
-    (models / env["FACE_EMBEDDER_MODEL"]).write_bytes(b"")
-    for name in _setting_names():
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("FACE_MODELS_DIR", str(models))
-    settings = Settings()
+    settings = settings_from(env, tmp_path, monkeypatch)
     store, url = gallery_store(settings.gallery_url)
     assert store == "postgresql"
     assert url == f"postgresql://{pg_env['POSTGRES_USER']}:s3cret@postgres:5432/{pg_env['POSTGRES_DB']}"

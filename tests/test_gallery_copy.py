@@ -25,13 +25,6 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.fixture
-def database(postgres):
-    url = postgres.new_database()
-    yield url
-    postgres.drop_database(url)
-
-
 def test_a_copied_gallery_answers_as_the_original(tmp_path: Path, database: str) -> None:
     rng = np.random.default_rng(0)
     path = tmp_path / "gallery.db"

@@ -31,13 +31,6 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.fixture
-def database(postgres):
-    url = postgres.new_database()
-    yield url
-    postgres.drop_database(url)
-
-
 def _bulk_load(url: str, faces: np.ndarray, people: int) -> list[str]:
     """Enrol many faces at once (COPY, one transaction): person i owns faces i, i + people, i + 2 people, ...;
     their templates built as the store builds them (the sum of each identity's faces)."""
