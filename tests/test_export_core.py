@@ -17,8 +17,7 @@ from torch import nn
 
 from export import core
 from export.core import ExportError, export_onnx, read_metadata, sha256_file
-
-ARCFACE_TEMPLATE = [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+from export.templates import ARCFACE_TEMPLATE_112
 
 
 def _embedder_meta(size: int = 16, input_size: list[int] | None = None) -> dict[str, object]:
@@ -32,7 +31,7 @@ def _embedder_meta(size: int = 16, input_size: list[int] | None = None) -> dict[
         "face.input_size": input_size or [32, 32],
         "face.source": "random-init",
         "face.source_sha256": "ab" * 32,
-        "face.embedder.template": ARCFACE_TEMPLATE,
+        "face.embedder.template": ARCFACE_TEMPLATE_112,
         "face.embedder.embedding_size": size,
         "face.embedder.flip": False,
     }
@@ -127,7 +126,7 @@ def test_embedder_export_metadata_roundtrip_and_parity(tmp_path: Path, images: t
     written = read_metadata(out)
     assert {k: written[k] for k in expected} == expected
     assert written["face.precision"] == "fp32" and written["face.exporter"].startswith("facerec-export ")
-    assert json.loads(written["face.embedder.template"]) == ARCFACE_TEMPLATE
+    assert json.loads(written["face.embedder.template"]) == ARCFACE_TEMPLATE_112
     assert written["face.embedder.flip"] == "false"
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

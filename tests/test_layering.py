@@ -99,3 +99,35 @@ def test_export_subcommand_help_does_import_torch() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--checkpoint" in result.stdout
     assert "torch" in _imported_modules(result.stderr)
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package names a Python file imports (module level and inside functions alike)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("side", ["export", "models"])
+def test_training_side_never_imports_the_service(side: str) -> None:
+    """The contract between the sides is the ONNX file's metadata: the exporter writes what the service reads,
+    so neither imports the other (and the Docker build stage needs no copy of service/)."""
+    files = sorted((ROOT / side).rglob("*.py"))
+    assert len(files) >= 3  # the walk found the package
+    offenders = {str(f.relative_to(ROOT)): sorted(_imports(f) & {"service"}) for f in files}
+    assert {f: names for f, names in offenders.items() if names} == {}
+    assert "torch" in set().union(*(_imports(f) for f in files))  # the parser does see imports
+
+
+def test_service_never_imports_the_training_side() -> None:
+    """The static twin of the runtime probe above: no file under service/ even mentions a training package."""
+    files = sorted((ROOT / "service").rglob("*.py"))
+    found = {str(f.relative_to(ROOT)): sorted(_imports(f) & set(TRAINING_SIDE)) for f in files}
+    assert {f: names for f, names in found.items() if names} == {}
+    assert "numpy" in set().union(*(_imports(f) for f in files))
