@@ -70,8 +70,8 @@ def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detec
     pair by cosine similarity. detection_score, max_faces and max_pixels: the server's settings of the same
     names (FACE_DETECTION_SCORE_THRESHOLD, FACE_MAX_FACES, FACE_MAX_IMAGE_PIXELS), so that the figures are
     those of the service as configured."""
-    from service.images import decode_image
     from service.pipeline import largest
+    from service.vectors import similarity
 
     if face not in ("largest", "central"):
         raise ValueError(f"face must be 'largest' or 'central', not {face!r}")
@@ -80,7 +80,7 @@ def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detec
     embeddings: dict[Path, np.ndarray | None] = {}
     started = time.perf_counter()
     for k, path in enumerate(photos):
-        image = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
+        image = pipeline.decode(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
         found = pipeline.detect(image, score_threshold=detection_score, max_faces=max_faces)
         chosen = largest(found) if face == "largest" else central(found, image.shape)
         embeddings[path] = None if chosen is None else pipeline.embed(image, [chosen])[0].embedding
@@ -89,7 +89,7 @@ def score_pairs(pipeline, pairs: list[Pair], max_pixels: int = 40_000_000, detec
     seconds = time.perf_counter() - started
     scores = np.array([
         np.nan if embeddings[p.a] is None or embeddings[p.b] is None
-        else float(np.clip(np.dot(embeddings[p.a], embeddings[p.b]), -1, 1))
+        else float(similarity(embeddings[p.a], embeddings[p.b]))
         for p in pairs
     ])
     return PairScores(

@@ -71,7 +71,6 @@ def embed_people(
     """Embed one face per photo (`central`: nearest the image centre, right for LFW's photos cropped around their
     subject; `largest`: as /enroll with multiple_faces=largest), with the service's settings."""
     from evaluate.pairs import central
-    from service.images import decode_image
     from service.pipeline import largest
 
     if face not in ("central", "largest"):
@@ -96,7 +95,7 @@ def embed_people(
     done = 0
     for index, (name, photos) in enumerate(people):
         for path in photos:
-            image = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
+            image = pipeline.decode(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
             found = pipeline.detect(image, score_threshold=detection_score, max_faces=max_faces)
             chosen = largest(found) if face == "largest" else central(found, image.shape)
             relative = f"{name}/{path.name}"

@@ -27,10 +27,10 @@ from service.admission import Busy, PixelBudget
 from service.api import faces, gallery, system
 from service.api.docs import docs_router
 from service.api.runtime import Runtime
+from service.api.schemas import ErrorResponse
 from service.api.uploads import body_limit
 from service.errors import FaceServiceError, ImageTooLarge, RequestTimeout
 from service.metrics import Metrics, MetricsMiddleware
-from service.schemas import ErrorResponse
 from service.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)

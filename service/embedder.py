@@ -17,22 +17,10 @@ import onnxruntime as ort
 
 from service.decision import FarTable, FarTableError
 from service.errors import InvalidParameter, ModelError
-from service.onnx_model import (
-    ModelMetadata,
-    check_io,
-    create_session,
-    model_identity,
-    read_metadata,
-)
+from service.onnx_model import model_identity, open_model
+from service.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
-
-
-def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length (float32); an all-zero row stays zero instead of becoming NaN."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, eps)
 
 
 class Embedder:
@@ -53,32 +41,22 @@ class Embedder:
         max_batch: int = 32,
         sha256: str | None = None,
     ):
-        if isinstance(model, ort.InferenceSession):
-            self.session = model
-            self.path: Path | None = None
-            self.sha256 = sha256
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = int(max_batch)
+        self.session, self.path, meta, source = open_model(
+            model, session_options, kind="embedder", outputs=["embedding"]
+        )
+        self.metadata = meta
+        if self.path is None:
             # No file to read the graph from: the caller's sha256 is the identity, with no earlier ones.
-            self.model_id, self.earlier_ids = sha256, []
-            source = "embedder session"
+            self.sha256, self.model_id, self.earlier_ids = sha256, sha256, []
         else:
-            self.path = Path(model)
-            self.session = create_session(self.path, options=session_options)
             # What the gallery tags embeddings with: the graph's sha256, so that a metadata change (a new FAR
             # table, a threshold) keeps enrolled faces comparable; earlier_ids are the tags older releases wrote.
             identity = model_identity(self.path)
             self.model_id, self.earlier_ids = identity.model_id, identity.earlier
             self.sha256 = sha256 or identity.file_sha256
-            source = self.path.name
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        self.max_batch = int(max_batch)
-
-        meta = ModelMetadata(read_metadata(self.session), source)
-        self.metadata = meta
-        kind = meta.choice("face.kind", ("detector", "embedder"))
-        if kind != "embedder":
-            raise meta.error("face.kind", f"is {kind!r}: this file is not an embedder")
-        check_io(self.session, source, outputs=["embedding"])
         self.arch = meta.text("face.arch")
         self.layout, self.color, mean, std = meta.preprocessing()
         self.input_size: tuple[int, int] = meta.input_size()

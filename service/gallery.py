@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import InvalidParameter, ModelError, NotFound
+from service.vectors import similarity
 
 log = logging.getLogger(__name__)
 
@@ -744,7 +745,7 @@ class Gallery:
             if row is None:
                 return np.full(len(q), np.nan, dtype=np.float32)
             template = self._sums[row] / self._norms[row]
-        return np.clip(q @ template, -1.0, 1.0).astype(np.float32)
+        return similarity(q, template)
 
     def _top(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
         """Top identities for one query's template scores. With a threshold, only the (usually few) rows above

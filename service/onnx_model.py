@@ -298,3 +298,32 @@ def check_io(
         raise ModelError(
             f"{source}: outputs {missing} missing (graph has {names})", details={"model": source}
         )
+
+
+class OpenedModel(NamedTuple):
+    session: ort.InferenceSession
+    path: Path | None  # None when the caller handed over a ready session
+    metadata: ModelMetadata
+    source: str  # how messages name the model: the file name, or "<kind> session"
+
+
+def open_model(
+    model: str | Path | ort.InferenceSession,
+    session_options: ort.SessionOptions | None,
+    *,
+    kind: str,
+    outputs: Sequence[str],
+) -> OpenedModel:
+    """What every model class does first: open the file (or take a ready session), read its metadata, and
+    refuse a file of the wrong `face.kind` or with the wrong input/output names, naming the file."""
+    if isinstance(model, ort.InferenceSession):
+        session, path, source = model, None, f"{kind} session"
+    else:
+        path = Path(model)
+        session, source = create_session(path, options=session_options), path.name
+    metadata = ModelMetadata(read_metadata(session), source)
+    found = metadata.choice("face.kind", ("detector", "embedder"))
+    if found != kind:
+        raise metadata.error("face.kind", f"is {found!r}: this file is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+    check_io(session, source, outputs=outputs)
+    return OpenedModel(session, path, metadata, source)

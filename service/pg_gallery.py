@@ -61,6 +61,7 @@ from service.gallery import (
     unit_rows,
     validate_identity_id,
 )
+from service.vectors import similarity
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ class PostgresGallery:
         if row is None:
             return np.full(len(q), np.nan, dtype=np.float32)
         total = np.asarray(row[0].to_numpy(), dtype=np.float64)
-        return np.clip(q @ (total / np.linalg.norm(total)), -1.0, 1.0).astype(np.float32)
+        return similarity(q, total / np.linalg.norm(total))
 
     def close(self) -> None:
         self._pool.close()

@@ -1,5 +1,7 @@
 """The whole recognition path, top to bottom: decode -> detect -> align -> embed (L2-normalised).
 
+Every endpoint reaches the models through this class (service/api/runtime.py builds one and runs it on its
+inference threads); evaluation and benchmarks use the same class, so what they measure is what is served.
 Matching against enrolled identities is the gallery's job (service/gallery.py); this module ends with one
 unit-length embedding per face, in the embedder's space, and every coordinate in ORIGINAL image pixels.
 """
@@ -7,32 +9,26 @@ unit-length embedding per face, in the embedder's space, and every coordinate in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from service.align import align_face
+from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.images import decode_image
 
 log = logging.getLogger(__name__)
 
-
-class Detections(Protocol):
-    boxes: np.ndarray  # (N, 4) x1, y1, x2, y2 in original pixels, sorted by score, highest first
-    scores: np.ndarray  # (N,) face probability
-    landmarks: np.ndarray  # (N, 5, 2) x, y in original pixels (eyes, nose, mouth corners)
+# Times one named stage ("decode", "detect", "align", "embed"): the service passes Metrics.stage, which feeds
+# the face_stage_duration_seconds histogram; elsewhere nothing is timed.
+StageTimer = Callable[[str], AbstractContextManager]
 
 
-class Detector(Protocol):
-    def detect(
-        self,
-        image: np.ndarray,
-        score_threshold: float | None = None,
-        min_face_size: float = 0,
-        max_faces: int | None = None,
-    ) -> Detections: ...
+def _untimed(stage: str) -> AbstractContextManager:
+    return nullcontext()
 
 
 @dataclass
@@ -65,9 +61,15 @@ def largest(faces: list[Face]) -> Face | None:
 class Pipeline:
     """A detector and an embedder, composed. Thread-safe as far as ORT sessions are (run() is)."""
 
-    def __init__(self, detector: Detector, embedder: Embedder):
+    def __init__(self, detector: RetinaFaceDetector, embedder: Embedder, *, stage: StageTimer = _untimed):
         self.detector = detector
         self.embedder = embedder
+        self.stage = stage
+
+    def decode(self, data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+        """Uploaded bytes -> BGR uint8 image, EXIF-upright; refuses what service/images.py refuses."""
+        with self.stage("decode"):
+            return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
 
     def detect(
         self,
@@ -77,9 +79,10 @@ class Pipeline:
         max_faces: int | None = None,
     ) -> list[Face]:
         """Faces in a BGR uint8 image, highest score first; no embeddings."""
-        found = self.detector.detect(
-            image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
-        )
+        with self.stage("detect"):
+            found = self.detector.detect(
+                image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
+            )
         return [
             Face(
                 box=np.asarray(box, dtype=np.float32),
@@ -94,12 +97,15 @@ class Pipeline:
         h, w = self.embedder.input_size
         if not faces:
             return np.zeros((0, h, w, 3), np.uint8)
-        return np.stack([align_face(image, f.landmarks, self.embedder.template, (h, w)) for f in faces])
+        with self.stage("align"):
+            return np.stack([align_face(image, f.landmarks, self.embedder.template, (h, w)) for f in faces])
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        """Fill in each face's embedding (one batched embedder call for all faces of the image)."""
+        """Fill in the given faces' embeddings (one batched embedder call for all of them); returns them."""
         if faces:
-            embeddings = self.embedder.embed(self.align(image, faces))
+            crops = self.align(image, faces)
+            with self.stage("embed"):
+                embeddings = self.embedder.embed(crops)
             for face, embedding in zip(faces, embeddings):
                 face.embedding = embedding
         return faces
@@ -112,15 +118,8 @@ class Pipeline:
         max_faces: int | None = None,
         embed: bool = True,
     ) -> list[Face]:
-        """detect -> align -> embed for every face in a decoded BGR image."""
+        """detect -> align -> embed for every face in a decoded BGR image (detect only when not `embed`)."""
         faces = self.detect(
             image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
         )
         return self.embed(image, faces) if embed else faces
-
-    def analyse_bytes(
-        self, data: bytes, *, max_bytes: int, max_pixels: int, **options
-    ) -> tuple[np.ndarray, list[Face]]:
-        """decode -> detect -> align -> embed from uploaded bytes; returns the decoded image and its faces."""
-        image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-        return image, self.analyse(image, **options)

@@ -11,14 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.detector import (
-    Detections,
-    RetinaFaceDetector,
-    decode_boxes,
-    decode_landmarks,
-    nms,
-    prior_boxes,
-)
+from service.boxes import decode_boxes, decode_landmarks, nms, prior_boxes
+from service.detector import Detections, RetinaFaceDetector
 from service.errors import InvalidImage, InvalidParameter, ModelError
 
 DETECTOR = "retinaface_mnet025.onnx"

@@ -15,9 +15,10 @@ import onnxruntime as ort
 import pytest
 from onnx_fixtures import channel_mean_embedder, embedder_metadata, expected_channel_means
 
-from service.embedder import Embedder, l2_normalise
+from service.embedder import Embedder
 from service.errors import InvalidParameter, ModelError
 from service.onnx_model import file_sha256
+from service.vectors import l2_normalise
 
 DEFAULT_EMBEDDER = "mobilefacenet_192.onnx"
 RNG = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def test_same_person_pairs_score_higher_than_different_person_pairs(
         ]
     embeddings = {}
     for name in sorted({n for row in rows for n in row[:2]}):
-        _, faces = pipeline.analyse_bytes((pairs_dir / name).read_bytes(), **LIMITS)
+        faces = pipeline.analyse(pipeline.decode((pairs_dir / name).read_bytes(), **LIMITS))
         assert faces, f"no face found in {name}"
         embeddings[name] = largest(faces).embedding
     scores = np.array([embeddings[a] @ embeddings[b] for a, b, _ in rows])
@@ -81,7 +81,8 @@ def test_same_person_pairs_score_higher_than_different_person_pairs(
 
 def test_couple_gives_two_faces_with_distinct_embeddings(pipeline: Pipeline, faces_dir: Path) -> None:
     data = (faces_dir / "groups" / "couple.jpg").read_bytes()
-    image, faces = pipeline.analyse_bytes(data, **LIMITS)
+    image = pipeline.decode(data, **LIMITS)
+    faces = pipeline.analyse(image)
     assert image.shape[:2] == (1588, 2280)
     assert len(faces) == 2
     check_faces(faces, image, pipeline.embedder.embedding_size)
@@ -121,7 +122,8 @@ def test_embedding_survives_rotation_and_rescaling(pipeline: Pipeline, faces_dir
     )
     assert ok
     tagged = sideways.tobytes()[:2] + exif_orientation_6() + sideways.tobytes()[2:]
-    upright_image, faces = pipeline.analyse_bytes(tagged, **LIMITS)
+    upright_image = pipeline.decode(tagged, **LIMITS)
+    faces = pipeline.analyse(upright_image)
     assert upright_image.shape == image.shape
     upright = largest(faces)
     np.testing.assert_allclose(upright.box, reference.box, atol=0.05 * reference.width)

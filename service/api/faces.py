@@ -8,11 +8,9 @@ from dataclasses import asdict
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
+from service import vectors
 from service.api.runtime import Runtime, RuntimeDep
-from service.api.uploads import ImageUpload, openapi_body, read_request
-from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
-from service.pipeline import Face, largest
-from service.schemas import (
+from service.api.schemas import (
     DetectOptions,
     DetectResponse,
     IdentifiedFace,
@@ -25,8 +23,11 @@ from service.schemas import (
     VerifyOptions,
     VerifyResponse,
     error_responses,
-    face_model,
+    face_out,
 )
+from service.api.uploads import ImageUpload, openapi_body, read_request
+from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
+from service.pipeline import Face, largest
 from service.security import require_api_key
 
 router = APIRouter(
@@ -55,7 +56,7 @@ async def detect(request: Request, runtime: RuntimeDep) -> DetectResponse:
     async with runtime.admitted(body.one("image")):
         image = await runtime.decode(body.one("image"))
         faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
-        return DetectResponse(image=image_info(image), faces=[face_model(f) for f in faces])
+        return DetectResponse(image=image_info(image), faces=[face_out(f) for f in faces])
 
 
 async def _chosen_face(
@@ -135,7 +136,7 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     face2 = None
     if second is not None:
         face2, index2, count2 = results[1]
-        similarity = float(np.clip(np.dot(face1.embedding, face2.embedding), -1.0, 1.0))
+        similarity = float(vectors.similarity(face1.embedding, face2.embedding))
     else:
         similarity = await _identity_similarity(runtime, options.identity_id, face1.embedding)
     threshold = runtime.threshold if options.threshold is None else options.threshold
@@ -143,9 +144,9 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
         match=similarity >= threshold,
         similarity=similarity,
         threshold=threshold,
-        face1=VerifiedFace(**face_model(face1).model_dump(), index=index1, faces_found=count1),
+        face1=VerifiedFace(**face_out(face1).model_dump(), index=index1, faces_found=count1),
         face2=None if face2 is None else VerifiedFace(
-            **face_model(face2).model_dump(), index=index2, faces_found=count2
+            **face_out(face2).model_dump(), index=index2, faces_found=count2
         ),
         identity_id=options.identity_id,
     )
@@ -183,7 +184,7 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
         decision=IdentifyDecision(**asdict(decision)),
         faces=[
             IdentifiedFace(
-                **face_model(face).model_dump(),
+                **face_out(face).model_dump(),
                 matches=[
                     IdentityMatch(
                         identity_id=m.identity_id, similarity=m.similarity, faces=m.faces, display_name=m.display_name

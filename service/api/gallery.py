@@ -9,11 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 
 from service.api.runtime import Runtime, RuntimeDep
-from service.api.uploads import ImageUpload, openapi_body, read_request
-from service.errors import FaceServiceError, NoFace, TooManyFaces
-from service.gallery import servable
-from service.pipeline import Face, largest
-from service.schemas import (
+from service.api.schemas import (
     Deleted,
     EnrolledFace,
     EnrollOptions,
@@ -25,8 +21,12 @@ from service.schemas import (
     PageOptions,
     StoredFace,
     error_responses,
-    face_model,
+    face_out,
 )
+from service.api.uploads import ImageUpload, openapi_body, read_request
+from service.errors import FaceServiceError, NoFace, TooManyFaces
+from service.gallery import servable
+from service.pipeline import Face, largest
 from service.security import require_api_key
 
 router = APIRouter(
@@ -109,7 +109,7 @@ async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
         )
 
     sources = [
-        {"filename": u.filename, "image_index": u.index, "box": face_model(f).box, "score": round(float(f.score), 5)}
+        {"filename": u.filename, "image_index": u.index, "box": face_out(f).box, "score": round(float(f.score), 5)}
         for u, f in zip(uploads, faces)
     ]
     face_ids = await runtime.in_gallery(

@@ -20,17 +20,17 @@ import numpy as np
 from fastapi import Depends, Request
 
 from service.admission import PixelBudget
+from service.api.schemas import DetectionOptions
 from service.api.uploads import ImageUpload
 from service.decision import Decision, IdentifyPolicy
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.errors import FaceServiceError
 from service.gallery import GalleryStore, open_gallery, unservable_identities
-from service.images import decode_image, probe_image
+from service.images import probe_image
 from service.metrics import Metrics
 from service.onnx_model import session_options
 from service.pipeline import Face, Pipeline
-from service.schemas import DetectionOptions
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class Runtime:
         except BaseException:
             inference_pool.shutdown(wait=False, cancel_futures=True)
             raise
-        runtime = cls(settings, metrics, Pipeline(detector, embedder), gallery, inference_pool, gallery_pool)
+        pipeline = Pipeline(detector, embedder, stage=metrics.stage)
+        runtime = cls(settings, metrics, pipeline, gallery, inference_pool, gallery_pool)
         await runtime.infer(runtime._warm_up)
         await runtime.refresh_gallery_gauge()
         await runtime.in_gallery(_report_unservable_rows, gallery)
@@ -123,7 +124,7 @@ class Runtime:
     def _warm_up(self) -> None:
         """One inference per model before serving: ORT allocates its buffers and picks kernels on the first
         run, which would otherwise make the first client's request several times slower than the rest."""
-        self.pipeline.detect(np.zeros((480, 640, 3), np.uint8))
+        self.detector.detect(np.zeros((480, 640, 3), np.uint8))
         height, width = self.embedder.input_size
         self.embedder.embed(np.zeros((1, height, width, 3), np.uint8))
 
@@ -166,10 +167,9 @@ class Runtime:
             raise
 
     def _decode(self, data: bytes) -> np.ndarray:
-        with self.metrics.stage("decode"):
-            return decode_image(
-                data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
-            )
+        return self.pipeline.decode(
+            data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
+        )
 
     async def faces(
         self, image: np.ndarray, options: DetectionOptions, *, embed: bool, max_faces: int | None = None
@@ -180,27 +180,15 @@ class Runtime:
 
     def _faces(self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int) -> list[Face]:
         score = options.min_score if options.min_score is not None else self.settings.detection_score_threshold
-        with self.metrics.stage("detect"):
-            faces = self.pipeline.detect(
-                image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces
-            )
+        faces = self.pipeline.analyse(
+            image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces, embed=embed
+        )
         self.metrics.faces.inc(len(faces))
-        if embed and faces:
-            self._embed(image, faces)
         return faces
-
-    def _embed(self, image: np.ndarray, faces: list[Face]) -> None:
-        with self.metrics.stage("align"):
-            crops = self.pipeline.align(image, faces)
-        with self.metrics.stage("embed"):
-            embeddings = self.embedder.embed(crops)
-        for face, embedding in zip(faces, embeddings):
-            face.embedding = embedding
 
     async def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
         """Embed only the given faces (e.g. the one chosen for /verify), not every face in the image."""
-        await self.infer(self._embed, image, faces)
-        return faces
+        return await self.infer(self.pipeline.embed, image, faces)
 
     async def identify(
         self, embeddings: np.ndarray, top_k: int, threshold: float | None

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.runtime import NotReady, RuntimeDep
-from service.schemas import (
+from service.api.schemas import (
     EmbedderInfo,
     FarTableInfo,
     GalleryInfo,

@@ -163,7 +163,7 @@ class ImageInfo(BaseModel):
     height: int
 
 
-class Face(BaseModel):
+class FaceOut(BaseModel):
     box: list[float] = Field(
         min_length=4,
         max_length=4,
@@ -173,9 +173,9 @@ class Face(BaseModel):
     landmarks: list[Point] = Field(min_length=5, max_length=5, description="Five [x, y] points in image pixels.")
 
 
-def face_model(face) -> Face:
+def face_out(face) -> FaceOut:
     """A pipeline Face (numpy arrays) as its public shape; pixels to 0.01 px, scores to 1e-5."""
-    return Face(
+    return FaceOut(
         box=[round(float(v), 2) for v in face.box],
         score=round(float(face.score), 5),
         landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
@@ -184,10 +184,10 @@ def face_model(face) -> Face:
 
 class DetectResponse(BaseModel):
     image: ImageInfo
-    faces: list[Face] = Field(description="Faces, best score first.")
+    faces: list[FaceOut] = Field(description="Faces, best score first.")
 
 
-class VerifiedFace(Face):
+class VerifiedFace(FaceOut):
     index: int = Field(description="Index of this face among the image's faces, in /detect order.")
     faces_found: int = Field(description="How many faces the image holds.")
 
@@ -210,7 +210,7 @@ class IdentityMatch(BaseModel):
     display_name: str | None = None
 
 
-class IdentifiedFace(Face):
+class IdentifiedFace(FaceOut):
     matches: list[IdentityMatch] = Field(
         description="Enrolled identities at or above the threshold, best first; empty: nobody we know."
     )
