@@ -34,6 +34,7 @@ stores implement `GalleryStore`, and the routers only know that.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -41,11 +42,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -189,9 +191,30 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-class GalleryStore(Protocol):
+@dataclass(frozen=True)
+class Enrolment:
+    """A checked enrolment, ready for a store to write in one transaction."""
+
+    identity_id: str
+    vectors: np.ndarray  # (k, D) float32 unit rows
+    face_ids: list[str]
+    sources: list[str | None]  # each face's source as JSON text
+    display_name: str | None  # None: keep the stored name
+    metadata_json: str | None  # None: keep the stored metadata
+    created_at: float
+
+    def rows(self, model_sha256: str, encode: Callable[[np.ndarray], Any]) -> list[tuple]:
+        """One `faces` row per face: (face_id, identity_id, model_sha256, encoded vector, created_at, source)."""
+        return [
+            (face_id, self.identity_id, model_sha256, encode(vector), self.created_at, source)
+            for face_id, vector, source in zip(self.face_ids, self.vectors, self.sources)
+        ]
+
+
+class GalleryStore(ABC):
     """What the routers and the pipeline use, whichever store runs: this module's SQLite `Gallery` (one process)
     or `service.pg_gallery.PostgresGallery` (any number of replicas). tests/test_gallery.py holds both to it.
+    The checks every store makes are here, once; each store writes and reads its own way.
 
     Every method blocks; the runtime calls them on its gallery threads (`concurrency` of them at once)."""
 
@@ -207,20 +230,127 @@ class GalleryStore(Protocol):
         metadata: dict | None = None,
         *,
         sources: Sequence[dict | None] | None = None,
-    ) -> list[str]: ...
-    def delete_identity(self, identity_id: str) -> int: ...
-    def delete_face(self, identity_id: str, face_id: str) -> None: ...
-    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]: ...
-    def get_identity(self, identity_id: str) -> Identity: ...
-    def count_identities(self) -> int: ...
-    def count_faces(self) -> int: ...
-    def count_searchable_identities(self) -> int: ...
-    def count_foreign(self) -> int: ...
+    ) -> list[str]:
+        """Add faces (k, D) to an identity, creating it if new; returns the new face ids.
+
+        For an existing identity, a given display_name or metadata replaces the stored one; None keeps it.
+        Embeddings are L2-normalised before storage. Committed durably, in one transaction, before returning.
+        """
+        vectors, metadata_json = check_enrolment(
+            identity_id, embeddings, self.embedding_size, display_name, metadata, sources
+        )
+        enrolment = Enrolment(
+            identity_id=identity_id,
+            vectors=vectors,
+            face_ids=[uuid.uuid4().hex for _ in range(len(vectors))],
+            sources=[None if s is None else json.dumps(s) for s in (sources or [None] * len(vectors))],
+            display_name=display_name,
+            metadata_json=metadata_json,
+            created_at=time.time(),
+        )
+        self._write_enrolment(enrolment)
+        return enrolment.face_ids
+
+    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
+        """A page of identities ordered by id, and the total number of identities."""
+        if not (0 <= offset <= SQLITE_MAX_INTEGER and 0 <= limit <= SQLITE_MAX_INTEGER):
+            raise InvalidParameter(f"offset and limit must be between 0 and {SQLITE_MAX_INTEGER}")
+        return self._list_identities(offset, limit)
+
     def search(
         self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
-    ) -> list[list[Match]]: ...
-    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray: ...
+    ) -> list[list[Match]]:
+        """For each query (M, D): up to top_k identities, best first, each scored against its template (the
+        normalised mean of its faces); only similarities >= threshold when one is given. Queries are
+        L2-normalised here."""
+        check_search(top_k, threshold)
+        return self._search(unit_rows(queries, self.embedding_size, "queries"), top_k, threshold)
+
+    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each query (M, D) to one identity's template: (M,) float32, the similarity
+        /identify would give that identity.
+
+        For 1:1 verification against an enrolled identity, without ranking the whole gallery. NotFound when
+        the identity does not exist; an empty identity (or one with only other models' faces) gives NaN.
+        """
+        validate_identity_id(identity_id)
+        q = unit_rows(queries, self.embedding_size, "queries")
+        total = self._template_total(identity_id)
+        if total is None:
+            return np.full(len(q), np.nan, dtype=np.float32)
+        total = np.asarray(total, dtype=np.float64)
+        return similarity(q, total / np.linalg.norm(total))
+
+    def __len__(self) -> int:
+        return self.count_faces()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what each store does its own way ----------------------------------------------------------------
+
+    @abstractmethod
+    def _write_enrolment(self, enrolment: Enrolment) -> None: ...
+    @abstractmethod
+    def delete_identity(self, identity_id: str) -> int: ...
+    @abstractmethod
+    def delete_face(self, identity_id: str, face_id: str) -> None: ...
+    @abstractmethod
+    def _list_identities(self, offset: int, limit: int) -> tuple[list[Identity], int]: ...
+    @abstractmethod
+    def get_identity(self, identity_id: str) -> Identity: ...
+    @abstractmethod
+    def count_identities(self) -> int: ...
+    @abstractmethod
+    def count_faces(self) -> int: ...
+    @abstractmethod
+    def count_searchable_identities(self) -> int: ...
+    @abstractmethod
+    def count_foreign(self) -> int: ...
+    @abstractmethod
+    def _search(self, queries: np.ndarray, top_k: int, threshold: float | None) -> list[list[Match]]: ...
+    @abstractmethod
+    def _template_total(self, identity_id: str) -> np.ndarray | None:
+        """The sum of the identity's current-model embeddings; None when it has none; NotFound when the
+        identity does not exist."""
+    @abstractmethod
     def close(self) -> None: ...
+
+
+def identity_missing(identity_id: str) -> NotFound:
+    return NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+
+
+def face_missing(identity_id: str, face_id: str, identity_exists: bool) -> NotFound:
+    """The error for a face that is not there: the identity's, when that is what is missing."""
+    if not identity_exists:
+        return identity_missing(identity_id)
+    return NotFound(
+        f"identity {identity_id!r} has no face {face_id!r}",
+        details={"identity_id": identity_id, "face_id": face_id},
+    )
+
+
+def identity_with_faces(row: tuple, stored: Iterable[tuple], model_sha256: str) -> Identity:
+    """An identity row (id, display_name, metadata, created_at, ...) and its face rows (face_id, model_sha256,
+    created_at, source) as one Identity, its counts split by model."""
+    faces = [
+        FaceRecord(
+            face_id=face_id,
+            identity_id=row[0],
+            model_sha256=sha,
+            created_at=created,
+            source=None if source is None else json.loads(source),
+            current_model=sha == model_sha256,
+        )
+        for face_id, sha, created, source in stored
+    ]
+    current = sum(f.current_model for f in faces)
+    identity = identity_from_row((*row[:4], current, len(faces) - current))
+    return dataclasses.replace(identity, faces=faces)
 
 
 class GallerySetupError(Exception):
@@ -335,7 +465,7 @@ def identity_from_row(row: tuple) -> Identity:
     )
 
 
-class Gallery:
+class Gallery(GalleryStore):
     """The embedded store: one SQLite file, one process (see the module's docstring)."""
 
     concurrency = 1  # one connection, one lock: a second thread would only wait
@@ -515,36 +645,10 @@ class Gallery:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    def enroll(
-        self,
-        identity_id: str,
-        embeddings: np.ndarray,
-        display_name: str | None = None,
-        metadata: dict | None = None,
-        *,
-        sources: Sequence[dict | None] | None = None,
-    ) -> list[str]:
-        """Add faces (k, D) to an identity, creating it if new; returns the new face ids.
-
-        For an existing identity, a given display_name or metadata replaces the stored one; None keeps it.
-        Embeddings are L2-normalised before storage. Committed to disk before returning.
-        """
-        vectors, metadata_json = check_enrolment(
-            identity_id, embeddings, self.embedding_size, display_name, metadata, sources
-        )
-        now = time.time()
-        face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
-        rows = [
-            (
-                face_id,
-                identity_id,
-                self.model_sha256,
-                vectors[i].astype("<f4").tobytes(),
-                now,
-                None if sources is None or sources[i] is None else json.dumps(sources[i]),
-            )
-            for i, face_id in enumerate(face_ids)
-        ]
+    def _write_enrolment(self, enrolment: Enrolment) -> None:
+        identity_id, display_name = enrolment.identity_id, enrolment.display_name
+        metadata_json, vectors, now = enrolment.metadata_json, enrolment.vectors, enrolment.created_at
+        rows = enrolment.rows(self.model_sha256, lambda v: v.astype("<f4").tobytes())
         with self._lock:
             with self._transaction() as db:
                 db.execute(
@@ -571,7 +675,6 @@ class Gallery:
                 self._names[identity_id] = (
                     display_name if display_name is not None else self._names.get(identity_id)
                 )
-        return face_ids
 
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
@@ -584,9 +687,7 @@ class Gallery:
                 ]
                 db.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
                 if db.execute("DELETE FROM identities WHERE id = ?", (identity_id,)).rowcount == 0:
-                    raise NotFound(
-                        f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
-                    )
+                    raise identity_missing(identity_id)
             row = self._row_of.get(identity_id)
             self._faces -= 0 if row is None else int(self._counts[row])
             self._drop_template(identity_id)
@@ -603,14 +704,7 @@ class Gallery:
                     "DELETE FROM faces WHERE face_id = ? AND identity_id = ?", (face_id, identity_id)
                 )
                 if cursor.rowcount == 0:
-                    if identity_id not in self._names:
-                        raise NotFound(
-                            f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
-                        )
-                    raise NotFound(
-                        f"identity {identity_id!r} has no face {face_id!r}",
-                        details={"identity_id": identity_id, "face_id": face_id},
-                    )
+                    raise face_missing(identity_id, face_id, identity_id in self._names)
             # Rebuilt from what is stored, not subtracted: no rounding drift, and a face of another model
             # (never in the template) changes nothing.
             remaining = self._stored_faces(identity_id)
@@ -629,10 +723,7 @@ class Gallery:
 
     # -- reads ------------------------------------------------------------------------------------------------
 
-    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
-        """A page of identities ordered by id, and the total number of identities."""
-        if not (0 <= offset <= SQLITE_MAX_INTEGER and 0 <= limit <= SQLITE_MAX_INTEGER):
-            raise InvalidParameter(f"offset and limit must be between 0 and {SQLITE_MAX_INTEGER}")
+    def _list_identities(self, offset: int, limit: int) -> tuple[list[Identity], int]:
         with self._lock:
             total = self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
             rows = self._db.execute(
@@ -642,7 +733,7 @@ class Gallery:
                 "FROM identities i ORDER BY i.id LIMIT ? OFFSET ?",
                 (self.model_sha256, self.model_sha256, limit, offset),
             ).fetchall()
-        return [self._identity(row) for row in rows], total
+        return [identity_from_row(row) for row in rows], total
 
     def get_identity(self, identity_id: str) -> Identity:
         validate_identity_id(identity_id)
@@ -652,35 +743,13 @@ class Gallery:
                 (identity_id,),
             ).fetchone()
             if row is None:
-                raise NotFound(
-                    f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
-                )
-            faces = [
-                FaceRecord(
-                    face_id=face_id,
-                    identity_id=identity_id,
-                    model_sha256=sha,
-                    created_at=created,
-                    source=None if source is None else json.loads(source),
-                    current_model=sha == self.model_sha256,
-                )
-                for face_id, sha, created, source in self._db.execute(
-                    "SELECT face_id, model_sha256, created_at, source FROM faces WHERE identity_id = ? "
-                    "ORDER BY created_at, rowid",
-                    (identity_id,),
-                )
-            ]
-        current = sum(f.current_model for f in faces)
-        identity = self._identity(row)
-        return Identity(
-            identity.identity_id,
-            identity.display_name,
-            identity.metadata,
-            identity.created_at,
-            face_count=current,
-            foreign_face_count=len(faces) - current,
-            faces=faces,
-        )
+                raise identity_missing(identity_id)
+            stored = self._db.execute(
+                "SELECT face_id, model_sha256, created_at, source FROM faces WHERE identity_id = ? "
+                "ORDER BY created_at, rowid",
+                (identity_id,),
+            ).fetchall()
+        return identity_with_faces(row, stored, self.model_sha256)
 
     def count_identities(self) -> int:
         with self._lock:
@@ -697,9 +766,6 @@ class Gallery:
         with self._lock:
             return len(self._row_ids)
 
-    def __len__(self) -> int:
-        return self.count_faces()
-
     def count_foreign(self) -> int:
         """Faces enrolled with another model: kept on disk, never compared with the current model's."""
         with self._lock:
@@ -707,14 +773,7 @@ class Gallery:
                 "SELECT COUNT(*) FROM faces WHERE model_sha256 != ?", (self.model_sha256,)
             ).fetchone()[0]
 
-    def search(
-        self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
-    ) -> list[list[Match]]:
-        """For each query (M, D): up to top_k identities, best first, each scored against its template (the
-        normalised mean of its faces); only similarities >= threshold when one is given. Queries are
-        L2-normalised here."""
-        check_search(top_k, threshold)
-        q = self._check_embeddings(queries, "queries")
+    def _search(self, q: np.ndarray, top_k: int, threshold: float | None) -> list[list[Match]]:
         results: list[list[Match]] = []
         with self._lock:
             n = len(self._row_ids)
@@ -727,25 +786,12 @@ class Gallery:
                 results.extend(self._top(row, top_k, threshold) for row in scores)
         return results
 
-    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
-        """Cosine similarity of each query (M, D) to one identity's template: (M,) float32, the similarity
-        /identify would give that identity.
-
-        For 1:1 verification against an enrolled identity, without ranking the whole gallery. NotFound when
-        the identity does not exist; an empty identity (or one with only other models' faces) gives NaN.
-        """
-        validate_identity_id(identity_id)
-        q = self._check_embeddings(queries, "queries")
+    def _template_total(self, identity_id: str) -> np.ndarray | None:
         with self._lock:
             if identity_id not in self._names:
-                raise NotFound(
-                    f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
-                )
+                raise identity_missing(identity_id)
             row = self._row_of.get(identity_id)
-            if row is None:
-                return np.full(len(q), np.nan, dtype=np.float32)
-            template = self._sums[row] / self._norms[row]
-        return similarity(q, template)
+            return None if row is None else self._sums[row].copy()
 
     def _top(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
         """Top identities for one query's template scores. With a threshold, only the (usually few) rows above
@@ -768,19 +814,6 @@ class Gallery:
             for row in rows
         ]
 
-    # -- helpers ----------------------------------------------------------------------------------------------
-
-    def _check_embeddings(self, x: Any, what: str) -> np.ndarray:
-        return unit_rows(x, self.embedding_size, what)
-
-    _identity = staticmethod(identity_from_row)
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -31,12 +31,10 @@ in `facerec_schema`. A database whose schema is newer than this code refuses the
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -48,20 +46,19 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from service.errors import InvalidParameter, NotFound, Unavailable
+from service.errors import Unavailable
 from service.gallery import (
-    SQLITE_MAX_INTEGER,
-    FaceRecord,
+    Enrolment,
     GallerySetupError,
+    GalleryStore,
     Identity,
     Match,
-    check_enrolment,
-    check_search,
+    face_missing,
     identity_from_row,
-    unit_rows,
+    identity_missing,
+    identity_with_faces,
     validate_identity_id,
 )
-from service.vectors import similarity
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +207,7 @@ def prepare_database(
         conn.close()
 
 
-class PostgresGallery:
+class PostgresGallery(GalleryStore):
     """The shared store. Thread-safe: each call borrows a pooled connection for its own transaction."""
 
     def __init__(
@@ -313,33 +310,11 @@ class PostgresGallery:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    def enroll(
-        self,
-        identity_id: str,
-        embeddings: np.ndarray,
-        display_name: str | None = None,
-        metadata: dict | None = None,
-        *,
-        sources: Sequence[dict | None] | None = None,
-    ) -> list[str]:
-        """Add faces (k, D) to an identity, creating it if new; returns the new face ids. Committed (one
-        transaction, synchronous commit) before returning."""
-        vectors, metadata_json = check_enrolment(
-            identity_id, embeddings, self.embedding_size, display_name, metadata, sources
-        )
-        now = time.time()
-        face_ids = [uuid.uuid4().hex for _ in range(len(vectors))]
-        rows = [
-            (
-                face_id,
-                identity_id,
-                self.model_sha256,
-                vectors[i],
-                now,
-                None if sources is None or sources[i] is None else json.dumps(sources[i]),
-            )
-            for i, face_id in enumerate(face_ids)
-        ]
+    def _write_enrolment(self, enrolment: Enrolment) -> None:
+        """One transaction, committed with synchronous commit (the server's default) before returning."""
+        identity_id, display_name = enrolment.identity_id, enrolment.display_name
+        metadata_json, vectors, now = enrolment.metadata_json, enrolment.vectors, enrolment.created_at
+        rows = enrolment.rows(self.model_sha256, lambda v: v)
         with self._connection() as conn, conn.transaction():
             conn.execute(
                 "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (%s, %s, %s, %s) "
@@ -363,7 +338,6 @@ class PostgresGallery:
                  len(vectors)),
             )
         self._forget_counts()
-        return face_ids
 
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
@@ -374,7 +348,7 @@ class PostgresGallery:
                 (identity_id,),
             ).fetchone()
             if conn.execute("DELETE FROM identities WHERE id = %s", (identity_id,)).rowcount == 0:
-                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+                raise identity_missing(identity_id)
         self._forget_counts()
         return count
 
@@ -386,14 +360,8 @@ class PostgresGallery:
                 "DELETE FROM faces WHERE face_id = %s AND identity_id = %s", (face_id, identity_id)
             ).rowcount
             if deleted == 0:
-                if conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
-                    raise NotFound(
-                        f"identity {identity_id!r} does not exist", details={"identity_id": identity_id}
-                    )
-                raise NotFound(
-                    f"identity {identity_id!r} has no face {face_id!r}",
-                    details={"identity_id": identity_id, "face_id": face_id},
-                )
+                exists = conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone()
+                raise face_missing(identity_id, face_id, exists is not None)
             # Rebuilt from what is stored, not subtracted: no rounding drift, and every model's row stays right.
             conn.execute("DELETE FROM templates WHERE identity_id = %s", (identity_id,))
             conn.execute(
@@ -406,10 +374,7 @@ class PostgresGallery:
 
     # -- reads ------------------------------------------------------------------------------------------------
 
-    def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
-        """A page of identities ordered by id, and the total number of identities."""
-        if not (0 <= offset <= SQLITE_MAX_INTEGER and 0 <= limit <= SQLITE_MAX_INTEGER):
-            raise InvalidParameter(f"offset and limit must be between 0 and {SQLITE_MAX_INTEGER}")
+    def _list_identities(self, offset: int, limit: int) -> tuple[list[Identity], int]:
         query = sql.SQL(
             "SELECT i.id, i.display_name, i.metadata, i.created_at, "
             "  count(f.face_id) FILTER (WHERE f.model_sha256 = {model}), "
@@ -431,34 +396,13 @@ class PostgresGallery:
                 (identity_id,),
             ).fetchone()
             if row is None:
-                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+                raise identity_missing(identity_id)
             stored = conn.execute(
                 "SELECT face_id, model_sha256, created_at, source FROM faces WHERE identity_id = %s "
                 "ORDER BY created_at, seq",
                 (identity_id,),
             ).fetchall()
-        faces = [
-            FaceRecord(
-                face_id=face_id,
-                identity_id=identity_id,
-                model_sha256=sha,
-                created_at=created,
-                source=None if source is None else json.loads(source),
-                current_model=sha == self.model_sha256,
-            )
-            for face_id, sha, created, source in stored
-        ]
-        current = sum(f.current_model for f in faces)
-        identity = identity_from_row(row)
-        return Identity(
-            identity.identity_id,
-            identity.display_name,
-            identity.metadata,
-            identity.created_at,
-            face_count=current,
-            foreign_face_count=len(faces) - current,
-            faces=faces,
-        )
+        return identity_with_faces(row, stored, self.model_sha256)
 
     def _count(self, query: sql.Composable) -> int:
         with self._connection() as conn:
@@ -507,17 +451,7 @@ class PostgresGallery:
         """Faces enrolled with another model: kept, never compared with the current model's."""
         return self._count(sql.SQL("SELECT count(*) FROM faces WHERE model_sha256 <> {}").format(self._model))
 
-    def __len__(self) -> int:
-        return self.count_faces()
-
-    def search(
-        self, queries: np.ndarray, top_k: int = 5, threshold: float | None = None
-    ) -> list[list[Match]]:
-        """For each query (M, D): up to top_k identities, best first, each scored against its template (the
-        normalised mean of its faces); only similarities >= threshold when one is given. Queries are
-        L2-normalised here."""
-        check_search(top_k, threshold)
-        q = unit_rows(queries, self.embedding_size, "queries")
+    def _search(self, q: np.ndarray, top_k: int, threshold: float | None) -> list[list[Match]]:
         with self._connection() as conn:
             return [self._search_one(conn, query, top_k, threshold) for query in q]
 
@@ -542,31 +476,17 @@ class PostgresGallery:
             if threshold is None or s >= threshold
         ]
 
-    def identity_similarity(self, identity_id: str, queries: np.ndarray) -> np.ndarray:
-        """Cosine similarity of each query (M, D) to one identity's template: (M,) float32, the similarity
-        /identify would give it. NotFound when the identity does not exist; NaN when it has no face of the
-        current model."""
-        validate_identity_id(identity_id)
-        q = unit_rows(queries, self.embedding_size, "queries")
+    def _template_total(self, identity_id: str) -> np.ndarray | None:
         with self._connection() as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
-                raise NotFound(f"identity {identity_id!r} does not exist", details={"identity_id": identity_id})
+                raise identity_missing(identity_id)
             row = conn.execute(
                 sql.SQL("SELECT total FROM templates WHERE identity_id = %s AND model_sha256 = {}").format(
                     self._model
                 ),
                 (identity_id,),
             ).fetchone()
-        if row is None:
-            return np.full(len(q), np.nan, dtype=np.float32)
-        total = np.asarray(row[0].to_numpy(), dtype=np.float64)
-        return similarity(q, total / np.linalg.norm(total))
+        return None if row is None else row[0].to_numpy()
 
     def close(self) -> None:
         self._pool.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
