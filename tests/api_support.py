@@ -29,11 +29,17 @@ from service.settings import Settings
 API_KEY = "test-key-0123456789abcdef"
 
 
+def built_model(models_dir: Path, name: str) -> Path:
+    """models_dir / name, or skip (like the models_dir fixture does for a missing folder) when it is not built."""
+    path = models_dir / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: run `make models`")
+    return path
+
+
 def require_default_models(models_dir: Path) -> None:
-    """Skip, like the models_dir fixture does for a missing folder, when a default model is not built yet."""
     for name in Settings.model_fields["detector_model"].default, Settings.model_fields["embedder_model"].default:
-        if not (models_dir / name).is_file():
-            pytest.skip(f"{models_dir / name} is absent: run `make models`")
+        built_model(models_dir, name)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -42,25 +43,23 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(models_dir: Path, tmp_path: Path, **env: str) -> Iterator[Server]:
-    require_default_models(models_dir)
-    port = _free_port()
-    log = tmp_path / f"server-{port}.log"
+def spawn_service(models_dir: Path, log: Path, **env: str) -> Server:
+    """Start `python -m service` on a free port (no API keys; `env` adds or overrides settings), output to `log`.
+    Returns at once: see wait_ready."""
+    port = free_port()
     environment = {
         **os.environ,
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "FACE_MODELS_DIR": str(models_dir),
-        "FACE_GALLERY_PATH": str(tmp_path / f"gallery-{port}.db"),
         "FACE_API_KEYS": "",
-        "FACE_LOG_LEVEL": "info",
+        "FACE_LOG_LEVEL": "warning",
         "PYTHONPATH": str(ROOT),
         **env,
     }
@@ -68,25 +67,79 @@ def running_server(models_dir: Path, tmp_path: Path, **env: str) -> Iterator[Ser
         [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield Server(process, url, port, log)
-    finally:
-        process.terminate()
+    return Server(process, f"http://127.0.0.1:{port}", port, log)
+
+
+def wait_ready(server: Server, name: str = "server") -> Server:
+    """Poll /ready until 200; fail the test (with the log's tail) if the process exits or takes too long."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"{name} exited with {server.process.returncode}:\n{server.log_text()[-3000:]}")
         try:
-            process.wait(timeout=20)
+            if httpx.get(f"{server.url}/ready", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.process.kill()
+    pytest.fail(f"{name} not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-3000:]}")
+
+
+def stop_service(server: Server) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it has not exited after 20 s."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            server.process.kill()
+            server.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_server(models_dir: Path, tmp_path: Path, **env: str) -> Iterator[Server]:
+    require_default_models(models_dir)
+    log = tmp_path / f"server-{free_port()}.log"
+    server = spawn_service(
+        models_dir, log, **{"FACE_GALLERY_PATH": str(log.with_suffix(".db")), "FACE_LOG_LEVEL": "info", **env}
+    )
+    try:
+        yield wait_ready(server)
+    finally:
+        stop_service(server)
+
+
+@dataclass
+class EnrolmentBurst:
+    """Enrolments sent as fast as a server takes them, from any number of threads, until `stop` is set: what
+    was attempted, what was acknowledged (200: face ids, and when), and which requests the server cut off."""
+
+    acknowledged: dict[str, tuple[list[str], float]] = field(default_factory=dict)
+    attempted: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, url: str, prefix: str, image: tuple[str, bytes, str]) -> None:
+        """One thread's stream: identities `prefix-00000`, `prefix-00001`, ... each with one photo."""
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in range(100_000):
+                if self.stop.is_set():
+                    return
+                identity = f"{prefix}-{i:05d}"
+                with self.lock:
+                    self.attempted.add(identity)
+                try:
+                    response = client.post("/enroll", data={"identity_id": identity}, files=[("images", image)])
+                except httpx.TransportError as exc:  # the server died under this request
+                    with self.lock:
+                        self.failures.append(f"{identity}: {type(exc).__name__}")
+                    return
+                if response.status_code == 200:
+                    with self.lock:
+                        self.acknowledged[identity] = (response.json()["face_ids"], time.monotonic())
+
+    def face_ids(self) -> dict[str, list[str]]:
+        with self.lock:
+            return {identity: ids for identity, (ids, _) in self.acknowledged.items()}

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from api_support import built_model
 
 from service.boxes import decode_boxes, decode_landmarks, nms, prior_boxes
 from service.detector import Detections, RetinaFaceDetector
@@ -77,10 +78,7 @@ def test_nms_by_hand():
 
 @pytest.fixture(scope="module")
 def detector(models_dir: Path) -> RetinaFaceDetector:
-    path = models_dir / DETECTOR
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: run `make models`")
-    return RetinaFaceDetector(path)
+    return RetinaFaceDetector(built_model(models_dir, DETECTOR))
 
 
 @pytest.fixture(scope="module")

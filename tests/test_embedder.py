@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from api_support import built_model
 from onnx_fixtures import channel_mean_embedder, embedder_metadata, expected_channel_means
 
 from service.embedder import Embedder
@@ -160,10 +161,7 @@ def test_l2_normalise_keeps_zero_rows_finite() -> None:
 
 @pytest.fixture(scope="module")
 def default_embedder(models_dir: Path) -> Embedder:
-    path = models_dir / DEFAULT_EMBEDDER
-    if not path.exists():
-        pytest.skip(f"{path} is absent: run `make models`")
-    return Embedder(path)
+    return Embedder(built_model(models_dir, DEFAULT_EMBEDDER))
 
 
 @pytest.fixture(scope="module")

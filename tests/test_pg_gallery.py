@@ -6,7 +6,6 @@ and `python -m service` refusing, with exit code 2 and a message naming FACE_GAL
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import psycopg
 import pytest
 from api_support import require_default_models
+from server_process import free_port
 
 from service.gallery import GallerySetupError
 
@@ -105,16 +105,10 @@ def test_a_newer_schema_is_refused(database) -> None:
         PostgresGallery(database, MODEL, D)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(models_dir: Path, gallery_url: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "FACE_MODELS_DIR": str(models_dir),
         "FACE_GALLERY_URL": gallery_url,
         "FACE_GALLERY_TIMEOUT_S": "2",
@@ -135,7 +129,7 @@ def test_the_server_refuses_a_gallery_it_cannot_use(models_dir, postgres, databa
     cases = {
         "mysql://localhost/gallery": "unsupported gallery store",
         "no-scheme": "is not a URL",
-        f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/gallery": "cannot connect",
+        f"postgresql://postgres:secret@127.0.0.1:{free_port()}/gallery": "cannot connect",
         database: "newer than this service",
     }
     for url, reason in cases.items():

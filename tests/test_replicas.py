@@ -9,11 +9,7 @@ restarted under load.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_support import photo, require_default_models
+from server_process import EnrolmentBurst, spawn_service, stop_service, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 120
@@ -32,59 +29,27 @@ GALLERY_TIMEOUT_S = 2.0
 REQUEST_BOUND_S = 3 * GALLERY_TIMEOUT_S + 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Replica:
     def __init__(self, name: str, models_dir: Path, gallery_url: str, log: Path):
         self.name, self.log = name, log
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "FACE_MODELS_DIR": str(models_dir),
-            "FACE_GALLERY_URL": gallery_url,
-            "FACE_GALLERY_TIMEOUT_S": str(GALLERY_TIMEOUT_S),
-            "FACE_API_KEYS": "",
-            "FACE_LOG_LEVEL": "warning",
-            "FACE_INFERENCE_WORKERS": "1",
-            "FACE_INTRA_OP_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+        self.server = spawn_service(
+            models_dir, log,
+            FACE_GALLERY_URL=gallery_url,
+            FACE_GALLERY_TIMEOUT_S=str(GALLERY_TIMEOUT_S),
+            FACE_INFERENCE_WORKERS="1",
+            FACE_INTRA_OP_THREADS="1",
         )
+        self.process, self.url = self.server.process, self.server.url
 
     def wait_ready(self) -> Replica:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.process.kill()
-        pytest.fail(f"{self.name} not ready after {STARTUP_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.server, self.name)
+        return self
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_service(self.server)
 
 
 @pytest.fixture(scope="module")
@@ -164,33 +129,12 @@ def test_every_replica_answers_consistently_right_after_each_200(replicas, faces
         client.close()
 
 
-def _stream_enrolments(replica: Replica, prefix: str, image, acknowledged: dict, attempted: set, lock, stop) -> None:
-    with replica.client() as client:
-        for i in range(100_000):
-            if stop.is_set():
-                return
-            identity = f"{prefix}-{i:05d}"
-            with lock:
-                attempted.add(identity)
-            try:
-                response = client.post("/enroll", data={"identity_id": identity}, files=[("images", image)])
-            except httpx.TransportError:  # this replica died under the request
-                return
-            if response.status_code == 200:
-                with lock:
-                    acknowledged[identity] = (response.json()["face_ids"], time.monotonic())
-
-
 def test_kill_9_of_one_replica_loses_no_acknowledged_enrolment(replicas, faces_dir, models_dir, gallery_url, figures):
     image = _image(faces_dir, "img25.jpg")
-    acknowledged: dict[str, tuple[list[str], float]] = {}
-    attempted: set[str] = set()
-    lock, stop = threading.Lock(), threading.Event()
+    burst = EnrolmentBurst()
+    acknowledged, attempted, stop = burst.acknowledged, burst.attempted, burst.stop
     threads = [
-        threading.Thread(
-            target=_stream_enrolments, args=(r, f"burst-{r.name}", image, acknowledged, attempted, lock, stop), daemon=True
-        )
-        for r in replicas
+        threading.Thread(target=burst.send, args=(r.url, f"burst-{r.name}", image), daemon=True) for r in replicas
     ]
     for thread in threads:
         thread.start()
