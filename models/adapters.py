@@ -187,8 +187,38 @@ def _stage_unit(ours: str) -> tuple[int, int, str] | None:
     return (int(m[1]), int(m[2]), m[3]) if m else None
 
 
+# Within one IR unit (stages.S.U.<rest>): our module names -> theirs. TreB1eN's res_layer is
+# Sequential(BN, Conv, PReLU, Conv, BN[, SEModule(fc1, fc2)]); ronghuaiyang's IRBlock names its own (bn0, conv1, bn1,
+# prelu, conv2, bn2, se.fc = Sequential(Linear, PReLU, Linear, Sigmoid), downsample = Sequential(Conv, BN)).
+_INSIGHTFACE_UNIT = {
+    "bn1.": "res_layer.0.", "conv1.": "res_layer.1.", "prelu.": "res_layer.2.", "conv2.": "res_layer.3.",
+    "bn3.": "res_layer.4.", "se.fc1.": "res_layer.5.fc1.", "se.fc2.": "res_layer.5.fc2.",
+    "shortcut.0.": "shortcut_layer.0.", "shortcut.1.": "shortcut_layer.1.",
+}  # fmt: skip
+_RESNETFACE_UNIT = {
+    "bn1.": "bn0.", "conv1.": "conv1.", "bn2.": "bn1.", "prelu.": "prelu.", "conv2.": "conv2.", "bn3.": "bn2.",
+    "se.fc1.": "se.fc.0.", "se.act.": "se.fc.1.", "se.fc2.": "se.fc.2.",
+    "shortcut.0.": "downsample.0.", "shortcut.1.": "downsample.1.",
+}  # fmt: skip
+
+
+def _renamed(ours: str, prefixes: tuple[tuple[str, str], ...], unit_names: dict[str, str], unit_prefix) -> str:
+    """ours with its first matching prefix replaced; for a unit's key, `unit_prefix(stage, unit)` + the unit
+    module's name in `unit_names`; unchanged when nothing matches."""
+    for prefix, theirs in prefixes:
+        if ours.startswith(prefix):
+            return theirs + ours[len(prefix):]
+    parsed = _stage_unit(ours)
+    if parsed is not None:
+        stage, unit, rest = parsed
+        for mine, theirs in unit_names.items():
+            if rest.startswith(mine):
+                return f"{unit_prefix(stage, unit)}{theirs}{rest[len(mine):]}"
+    return ours
+
+
 def _insightface_key(ours: str, units: tuple[int, ...]) -> str:
-    """TreB1eN: res_layer = Sequential(BN, Conv, PReLU, Conv, BN[, SEModule(fc1, fc2)]), body flat."""
+    """TreB1eN: input_layer (Conv, BN, PReLU), body flat over all stages, output_layer (BN, Dropout, Flatten, FC, BN)."""
     fixed = {
         "stem.conv.weight": "input_layer.0.weight",
         "stem.prelu.weight": "input_layer.2.weight",
@@ -197,57 +227,13 @@ def _insightface_key(ours: str, units: tuple[int, ...]) -> str:
     }
     if ours in fixed:
         return fixed[ours]
-    for prefix, theirs in (("stem.bn.", "input_layer.1."), ("head.bn.", "output_layer.0."),
-                           ("head.features.", "output_layer.4.")):  # fmt: skip
-        if ours.startswith(prefix):
-            return theirs + ours[len(prefix):]
-    parsed = _stage_unit(ours)
-    if parsed is None:
-        return ours
-    stage, unit, rest = parsed
-    flat = sum(units[:stage]) + unit  # TreB1eN's body is one flat Sequential over all stages
-    renames = {
-        "bn1.": "res_layer.0.",
-        "conv1.": "res_layer.1.",
-        "prelu.": "res_layer.2.",
-        "conv2.": "res_layer.3.",
-        "bn3.": "res_layer.4.",
-        "se.fc1.": "res_layer.5.fc1.",
-        "se.fc2.": "res_layer.5.fc2.",
-        "shortcut.0.": "shortcut_layer.0.",
-        "shortcut.1.": "shortcut_layer.1.",
-    }
-    for mine, theirs in renames.items():
-        if rest.startswith(mine):
-            return f"body.{flat}.{theirs}{rest[len(mine):]}"
-    return ours
+    prefixes = (("stem.bn.", "input_layer.1."), ("head.bn.", "output_layer.0."), ("head.features.", "output_layer.4."))
+    # TreB1eN's body is one flat Sequential over all stages.
+    return _renamed(ours, prefixes, _INSIGHTFACE_UNIT, lambda stage, unit: f"body.{sum(units[:stage]) + unit}.")
 
 
 def _resnetface_key(ours: str, units: tuple[int, ...]) -> str:
-    """ronghuaiyang ResNetFace: conv1/bn1/prelu stem, layer1-4 of IRBlock(bn0, conv1, bn1, prelu, conv2, bn2,
-    se.fc = Sequential(Linear, PReLU, Linear, Sigmoid), downsample = Sequential(Conv, BN)), bn4, fc5, bn5."""
-    for prefix, theirs in (("stem.conv.", "conv1."), ("stem.bn.", "bn1."), ("stem.prelu.", "prelu."),
-                           ("head.bn.", "bn4."), ("head.fc.", "fc5."), ("head.features.", "bn5.")):  # fmt: skip
-        if ours.startswith(prefix):
-            return theirs + ours[len(prefix):]
-    parsed = _stage_unit(ours)
-    if parsed is None:
-        return ours
-    stage, unit, rest = parsed
-    renames = {
-        "bn1.": "bn0.",
-        "conv1.": "conv1.",
-        "bn2.": "bn1.",
-        "prelu.": "prelu.",
-        "conv2.": "conv2.",
-        "bn3.": "bn2.",
-        "se.fc1.": "se.fc.0.",
-        "se.act.": "se.fc.1.",
-        "se.fc2.": "se.fc.2.",
-        "shortcut.0.": "downsample.0.",
-        "shortcut.1.": "downsample.1.",
-    }
-    for mine, theirs in renames.items():
-        if rest.startswith(mine):
-            return f"layer{stage + 1}.{unit}.{theirs}{rest[len(mine):]}"
-    return ours
+    """ronghuaiyang ResNetFace: conv1/bn1/prelu stem, layer1-4 of IRBlock, bn4, fc5, bn5."""
+    prefixes = (("stem.conv.", "conv1."), ("stem.bn.", "bn1."), ("stem.prelu.", "prelu."),
+                ("head.bn.", "bn4."), ("head.fc.", "fc5."), ("head.features.", "bn5."))  # fmt: skip
+    return _renamed(ours, prefixes, _RESNETFACE_UNIT, lambda stage, unit: f"layer{stage + 1}.{unit}.")
