@@ -26,7 +26,7 @@ import numpy as np
 
 from export.paths import DEFAULT_MODELS_DIR as DEFAULT_OUT_DIR
 from export.paths import shared_data_dir
-from export.templates import ARCFACE_TEMPLATE_112, template_for  # noqa: F401  (ARCFACE_TEMPLATE_112 for tests)
+from export.templates import template_for
 
 log = logging.getLogger(__name__)
 

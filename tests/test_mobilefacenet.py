@@ -22,6 +22,7 @@ import torch
 
 from export import mobilefacenet as mfn
 from export.core import read_metadata, sha256_file
+from export.templates import ARCFACE_TEMPLATE_112
 from export.tflite_reader import TFLiteLayoutError, load_tflite
 from models.checkpoint import CheckpointError, read_state_dict
 from models.mobilefacenet import LAYOUTS, MobileFaceNet
@@ -179,7 +180,7 @@ def test_default_metadata_round_trip(default_embedder_path: Path):
     assert json.loads(meta["face.input_size"]) == [112, 112]
     assert json.loads(meta["face.mean"]) == [127.5] * 3
     assert json.loads(meta["face.std"]) == [128.0] * 3
-    assert np.allclose(json.loads(meta["face.embedder.template"]), mfn.ARCFACE_TEMPLATE_112)
+    assert np.allclose(json.loads(meta["face.embedder.template"]), ARCFACE_TEMPLATE_112)
     assert int(meta["face.embedder.embedding_size"]) == 192
     assert float(meta["face.embedder.threshold"]) == mfn.THRESHOLD
     assert meta["face.embedder.threshold_rule"] == mfn.THRESHOLD_RULE

@@ -20,6 +20,7 @@ from torch import nn
 
 from export import arcface
 from export.core import read_metadata
+from export.templates import ARCFACE_TEMPLATE_112
 from models.adapters import from_state_dict, load_se_resnet_ir
 from models.checkpoint import CheckpointError
 from models.se_resnet_ir import UNITS, SEResNetIR, randomise_batchnorm
@@ -97,7 +98,7 @@ def test_export_parity(
     assert meta["face.kind"] == "embedder" and meta["face.color"] == "RGB"
     assert json.loads(meta["face.mean"]) == [127.5] * 3 and json.loads(meta["face.std"]) == [127.5] * 3
     assert json.loads(meta["face.input_size"]) == [112, 112]
-    assert json.loads(meta["face.embedder.template"]) == arcface.ARCFACE_TEMPLATE_112
+    assert json.loads(meta["face.embedder.template"]) == ARCFACE_TEMPLATE_112
     assert meta["face.embedder.embedding_size"] == "512" and meta["face.source_sha256"] == sha
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
