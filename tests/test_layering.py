@@ -7,6 +7,7 @@ torch (a typo in the module name, a broken subprocess) fails instead of passing 
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -103,8 +104,6 @@ def test_export_subcommand_help_does_import_torch() -> None:
 
 def _imports(path: Path) -> set[str]:
     """Top-level package names a Python file imports (module level and inside functions alike)."""
-    import ast
-
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -131,3 +130,28 @@ def test_service_never_imports_the_training_side() -> None:
     found = {str(f.relative_to(ROOT)): sorted(_imports(f) & set(TRAINING_SIDE)) for f in files}
     assert {f: names for f, names in found.items() if names} == {}
     assert "numpy" in set().union(*(_imports(f) for f in files))
+
+
+def test_the_api_reaches_the_models_only_through_the_pipeline() -> None:
+    """service/pipeline.py is the one recognition path: the routers and the runtime call Pipeline, never a
+    stage on their own (the runtime's warm-up, which serves no request, runs each model once directly)."""
+    stages = {"decode_image", "align_face", "detect", "embed"}
+    found = []
+    for path in sorted((ROOT / "service" / "api").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        warm_up = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "_warm_up"
+                   for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and id(node) not in warm_up:
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                owner = func.value if isinstance(func, ast.Attribute) else None
+                via_pipeline = isinstance(owner, ast.Attribute) and owner.attr == "pipeline"
+                if name in stages and not via_pipeline and not (name == "embed" and _is_runtime_call(owner)):
+                    found.append(f"{path.name}:{node.lineno} {ast.unparse(func)}")
+    assert found == []
+
+
+def _is_runtime_call(owner) -> bool:
+    """`runtime.embed(...)` is the runtime's own async wrapper around Pipeline.embed."""
+    return isinstance(owner, ast.Name) and owner.id == "runtime"
