@@ -247,15 +247,17 @@ class BodyLimitMiddleware:
     ) -> None:
         received = 0
         body_done = False
+        cut_off = False  # the body was refused part-way: the rest of it is never read
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, cut_off
             if body_done:  # later receives wait for a disconnect, which may take any time
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except (TimeoutError, asyncio.TimeoutError):
+                cut_off = True
                 raise RequestTimeout(
                     f"the request body did not arrive within {self.body_timeout_s:g} s",
                     details={"received_bytes": received},
@@ -264,10 +266,18 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if received > limit:
+                    cut_off = True
                     raise too_large(limit)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message: Message) -> None:
+            # After a body refused part-way, the connection cannot carry another request, and uvicorn would keep
+            # it (and go on reading the body it will never use) until its keep-alive timeout: close it instead.
+            if cut_off and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
 
 
 def _too_large(limit: int) -> ImageTooLarge:
