@@ -31,7 +31,7 @@ def _reset_peak(pid: int) -> None:
 
 
 def _fake_images(size: int, count: int) -> list[bytes]:
-    one = b"\xff\xd8\xff" + os.urandom(size - 3)
+    one = b"\xff\xd8\xff\x00" + os.urandom(size - 4)
     return [one] * count
 
 

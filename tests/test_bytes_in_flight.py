@@ -19,9 +19,9 @@ MB = 1024 * 1024
 
 
 def _enroll_body(image_bytes: int, images: int = 10) -> bytes:
-    # Base64 of a JPEG signature and random bytes: read, parsed and decoded in full, then refused (400) when
+    # Base64 of a JPEG signature, a 0 where a marker should be, and random bytes: read, parsed and decoded in full, then refused (400) when
     # the first image is decoded -- the memory of a large body is spent before any image is looked at.
-    fake = base64.b64encode(b"\xff\xd8\xff" + os.urandom(image_bytes - 3)).decode()
+    fake = base64.b64encode(b"\xff\xd8\xff\x00" + os.urandom(image_bytes - 4)).decode()
     return json.dumps({"identity_id": "big", "images": [fake] * images}).encode()
 
 

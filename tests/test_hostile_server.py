@@ -138,9 +138,10 @@ MIB = 1024 * 1024
 
 
 def fake_jpegs(size: int, count: int) -> list[bytes]:
-    """Not images: a JPEG signature and random bytes, each refused (400) once it is looked at. What a body of
-    them costs the server is spent before that: reading, parsing, base64-decoding."""
-    one = b"\xff\xd8\xff" + os.urandom(size - 3)
+    """Not images: a JPEG signature, a 0 where the next marker should be (a random byte there could name a frame
+    header declaring too many pixels, a 413), and random bytes; each refused (400) once it is looked at. What a
+    body of them costs the server is spent before that: reading, parsing, base64-decoding."""
+    one = b"\xff\xd8\xff\x00" + os.urandom(size - 4)
     return [one] * count
 
 
