@@ -17,9 +17,9 @@ cap), and its decoded images stay in memory until the response. Multipart file p
 it, and dropped after, so an /enroll of ten 20 MiB images holds one of them at a time, not 200 MiB. The spooled
 files are closed when the handler's `async with read_request(...)` block ends.
 
-Why JSON is capped rather than parsed as a stream: the streaming parser measured (ijson, 3.6) either changes what
-the text means -- its C backend turns a lone-surrogate escape into "?", which would slip past the 422 on such
-metadata -- and took 4.7 s for one 27 MB base64 string, or (its Python backend) took 0.8 s for it at 64 KiB reads;
+Why JSON is capped rather than parsed as a stream: with ijson 3.6, measured, the C backend changes what the text
+means (a lone-surrogate escape becomes "?", which would slip past the 422 on such metadata) and took 4.7 s for one
+27 MB base64 string; the Python backend keeps the meaning but took 0.8 s for that string at 64 KiB reads, where
 json.loads takes 0.03 s. Multipart already streams, so large uploads have a way in that costs no memory.
 """
 
