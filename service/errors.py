@@ -36,6 +36,13 @@ class ImageTooLarge(FaceServiceError):
     status = 413
 
 
+class JsonBodyTooLarge(ImageTooLarge):
+    """A JSON body over FACE_MAX_JSON_BODY_BYTES: the same images fit as multipart/form-data, which streams them to
+    disk, while base64 in JSON is parsed whole in memory. A code of its own, since the remedy is another encoding."""
+    code = "json_body_too_large"
+    status = 413
+
+
 class RequestTimeout(FaceServiceError):
     """The client did not send its whole body within FACE_BODY_TIMEOUT_S."""
     code = "request_timeout"

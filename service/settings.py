@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         "may hold at once, reserved from Content-Length before the body is read; more wait their turn like "
         "pixels do. Default: 6 x max_image_bytes. One request larger than this still runs, alone.",
     )
+    max_json_body_bytes: int | None = Field(
+        None,
+        ge=64 * 1024,
+        description="Largest JSON body (base64 images) an image endpoint reads; larger is 413 `json_body_too_large`, "
+        "which says to send multipart/form-data. A JSON body is parsed whole, in memory, at about twice its size; "
+        "multipart streams its images to temporary files. Default: 32 MiB, or one largest image as base64 if more.",
+    )
     queue_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for that budget before a 503 `busy` answer, in seconds."
     )
@@ -230,6 +237,11 @@ class Settings(BaseSettings):
             self.max_pixels_in_flight = 2 * self.max_image_pixels
         if self.max_body_bytes_in_flight is None:
             self.max_body_bytes_in_flight = 6 * self.max_image_bytes
+        if self.max_json_body_bytes is None:
+            # One largest image always fits: its base64 (4/3 of it) and room for the options, as
+            # service.api.uploads.body_limit counts them.
+            one_image = 4 * -(-self.max_image_bytes // 3) + 256 * 1024
+            self.max_json_body_bytes = max(32 * MB, one_image)
         return self
 
     @model_validator(mode="after")

@@ -39,6 +39,11 @@ class Server:
                 fields[key] = int(value.split()[0]) / 1024
         return fields
 
+    def reset_peak(self) -> None:
+        """Set the process's peak (VmHWM) to its current RSS, so that the next peak is a request's own: the peak
+        of start-up (loading models) can lie above the RSS at rest and hide a request's growth under it."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 

@@ -49,11 +49,13 @@ def image_info(image: np.ndarray) -> ImageInfo:
     openapi_extra=openapi_body(DetectOptions, images=("image",), required=("image",)),
 )
 async def detect(request: Request, runtime: RuntimeDep) -> DetectResponse:
-    body = await read_request(
-        request, DetectOptions, images=("image",), required=("image",),
-        max_image_bytes=runtime.settings.max_image_bytes,
-    )
-    async with runtime.admitted(body.one("image")):
+    async with (
+        read_request(
+            request, DetectOptions, images=("image",), required=("image",),
+            max_image_bytes=runtime.settings.max_image_bytes,
+        ) as body,
+        runtime.admitted(body.one("image")),
+    ):
         image = await runtime.decode(body.one("image"))
         faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
         return DetectResponse(image=image_info(image), faces=[face_out(f) for f in faces])
@@ -109,26 +111,26 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
     ),
 )
 async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
-    body = await read_request(
+    async with read_request(
         request, VerifyOptions, images=("image1", "image2"), required=("image1",),
         max_image_bytes=runtime.settings.max_image_bytes,
-    )
-    options = body.options
-    second = body.one("image2")
-    if (second is None) == (options.identity_id is None):
-        raise InvalidParameter("send exactly one of image2 and identity_id", details={"field": "image2"})
-    if second is None and options.face2 is not None:
-        raise InvalidParameter("face2 needs image2", details={"field": "face2"})
-    if options.identity_id is not None:  # fail fast on an unknown identity, before any inference
-        await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
+    ) as body:
+        options = body.options
+        second = body.one("image2")
+        if (second is None) == (options.identity_id is None):
+            raise InvalidParameter("send exactly one of image2 and identity_id", details={"field": "image2"})
+        if second is None and options.face2 is not None:
+            raise InvalidParameter("face2 needs image2", details={"field": "face2"})
+        if options.identity_id is not None:  # fail fast on an unknown identity, before any inference
+            await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
 
-    jobs = [_chosen_face(runtime, body.one("image1"), options, options.face1)]
-    if second is not None:
-        jobs.append(_chosen_face(runtime, second, options, options.face2))
-    # Both images in flight at once (they overlap when FACE_INFERENCE_WORKERS > 1); errors are raised in
-    # image order, so a request with two bad images always reports image1.
-    async with runtime.admitted(body.one("image1"), second):
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        jobs = [_chosen_face(runtime, body.one("image1"), options, options.face1)]
+        if second is not None:
+            jobs.append(_chosen_face(runtime, second, options, options.face2))
+        # Both images in flight at once (they overlap when FACE_INFERENCE_WORKERS > 1); errors are raised in
+        # image order, so a request with two bad images always reports image1.
+        async with runtime.admitted(body.one("image1"), second):
+            results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -166,12 +168,14 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     openapi_extra=openapi_body(IdentifyOptions, images=("image",), required=("image",)),
 )
 async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
-    body = await read_request(
-        request, IdentifyOptions, images=("image",), required=("image",),
-        max_image_bytes=runtime.settings.max_image_bytes,
-    )
-    options = body.options
-    async with runtime.admitted(body.one("image")):
+    async with (
+        read_request(
+            request, IdentifyOptions, images=("image",), required=("image",),
+            max_image_bytes=runtime.settings.max_image_bytes,
+        ) as body,
+        runtime.admitted(body.one("image")),
+    ):
+        options = body.options
         image = await runtime.decode(body.one("image"))
         info = image_info(image)
         faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)

@@ -82,19 +82,21 @@ async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, option
 )
 async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
     settings = runtime.settings
-    body = await read_request(
-        request, EnrollOptions, list_field="images", required=("images",),
-        max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
-    )
-    options = body.options
-    uploads = body.images["images"]
     faces: list[Face] = []
     rejected: list[tuple[ImageUpload, FaceServiceError]] = []
-    for upload in uploads:  # check every image, so one answer names all the bad ones
-        try:
-            faces.append(await _enrollable_face(runtime, upload, options))
-        except FaceServiceError as exc:
-            rejected.append((upload, exc))
+    async with read_request(
+        request, EnrollOptions, list_field="images", required=("images",),
+        max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
+    ) as body:
+        options = body.options
+        uploads = body.images["images"]
+        for upload in uploads:  # check every image, so one answer names all the bad ones
+            try:
+                faces.append(await _enrollable_face(runtime, upload, options))
+            except FaceServiceError as exc:
+                # Kept for the answer, without its traceback: its frames hold that image's bytes, and ten
+                # refused 20 MiB images would otherwise all stay in memory until the response.
+                rejected.append((upload, exc.with_traceback(None)))
     if rejected:
         # The first rejection sets code and status; the details list every rejected image.
         raise type(rejected[0][1])(

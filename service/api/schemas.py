@@ -372,7 +372,8 @@ _ERROR_MEANINGS = {
     401: "Missing or wrong API key (unauthorized).",
     404: "No such identity or face (not_found).",
     409: "The identity has nothing to compare with (conflict, model_mismatch).",
-    413: "Image or request body too large, or too many pixels (image_too_large).",
+    413: "Image or request body too large, or too many pixels (image_too_large); a JSON body over its cap "
+    "(json_body_too_large: send the images as multipart/form-data).",
     415: "Not a supported image format or body type (unsupported_media_type).",
     422: "Bad parameter (invalid_parameter), no face (no_face) or too many faces (too_many_faces).",
     503: "Models or gallery not loaded (not_ready).",
