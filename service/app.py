@@ -29,7 +29,7 @@ from service.api import faces, gallery, system
 from service.api.docs import docs_router
 from service.api.runtime import Runtime
 from service.api.schemas import ErrorResponse
-from service.api.uploads import body_limit, is_json
+from service.api.uploads import CANDIDATE_BYTES, body_limit, is_json
 from service.errors import FaceServiceError, ImageTooLarge, JsonBodyTooLarge, RequestTimeout
 from service.metrics import Metrics, MetricsMiddleware
 from service.settings import Settings, redact_url
@@ -367,9 +367,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     one = body_limit(settings.max_image_bytes, 1)
     limits = {
         "/detect": one,
-        "/identify": one,
+        # Client-held candidates come on top of the image: CANDIDATE_BYTES each holds a base64 embedding of up
+        # to 512 dimensions with its id (a JSON list of numbers is about three times larger).
+        "/identify": one + settings.max_candidates * CANDIDATE_BYTES,
         "/verify": body_limit(settings.max_image_bytes, 2),
         "/enroll": body_limit(settings.max_image_bytes, settings.max_enroll_images),
+        "/embed": body_limit(settings.max_image_bytes, settings.max_enroll_images),
     }
     # Added last = outermost: metrics see every request, including those the body limit refuses.
     # (`or`: Settings.model_construct(), which skips validators, leaves the default unset)

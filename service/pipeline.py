@@ -103,12 +103,14 @@ class Pipeline:
     def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
         """Fill in the given faces' embeddings (one batched embedder call for all of them); returns them."""
         if faces:
-            crops = self.align(image, faces)
-            with self.stage("embed"):
-                embeddings = self.embedder.embed(crops)
-            for face, embedding in zip(faces, embeddings):
+            for face, embedding in zip(faces, self.embed_crops(self.align(image, faces))):
                 face.embedding = embedding
         return faces
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Aligned crops (N, h, w, 3), e.g. of faces from several images, -> (N, D) unit embeddings, batched."""
+        with self.stage("embed"):
+            return self.embedder.embed(crops)
 
     def analyse(
         self,

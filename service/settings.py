@@ -108,7 +108,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=64 * 64, description="Largest accepted decoded image (width x height): bomb guard."
     )
-    max_enroll_images: int = Field(10, ge=1, le=100, description="Most images one enrolment request carries.")
+    max_enroll_images: int = Field(
+        10, ge=1, le=100, description="Most images one /enroll or /embed request carries."
+    )
+    max_candidates: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most client-held candidates one /identify request may search."
+    )
     max_pixels_in_flight: int | None = Field(
         None,
         ge=64 * 64,

@@ -1,4 +1,4 @@
-"""Face endpoints: /detect, /verify, /identify."""
+"""Face endpoints: /detect, /embed, /verify, /identify."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from service.api.runtime import Runtime, RuntimeDep
 from service.api.schemas import (
     DetectOptions,
     DetectResponse,
+    EmbeddedFace,
+    EmbeddedImage,
+    EmbedOptions,
+    EmbedResponse,
     IdentifiedFace,
     IdentifyDecision,
     IdentifyOptions,
@@ -27,6 +31,7 @@ from service.api.schemas import (
 )
 from service.api.uploads import ImageUpload, openapi_body, read_request
 from service.errors import Conflict, InvalidParameter, ModelMismatch, NoFace
+from service.gallery import Match
 from service.pipeline import Face, largest
 from service.security import require_api_key
 
@@ -97,17 +102,77 @@ async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np
 
 
 @router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    summary="Embeddings of the faces in one or more images",
+    description=(
+        "For each image in `images`, in order: its largest face (or `faces=all`: every face, best score first, "
+        "at most `max_faces`) with box, score, landmarks and its L2-normalised embedding, as JSON numbers or "
+        "(`format=base64`) base64 of little-endian float32. The cosine similarity of two embeddings (their dot "
+        "product) is what /verify compares with `threshold`. Keep `model_sha256` with them: embeddings of "
+        "another model are not comparable, and /verify (`embedding2`), /identify (`candidates`) and /enroll "
+        "(`embeddings`) refuse them. An image without a face gives an empty `faces` list. Nothing is stored."
+    ),
+    responses=error_responses(413),
+    openapi_extra=openapi_body(EmbedOptions, list_field="images", required=("images",)),
+)
+async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
+    settings = runtime.settings
+    async with read_request(
+        request, EmbedOptions, list_field="images", required=("images",),
+        max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
+    ) as body:
+        options = body.options
+        found: list[tuple[ImageUpload, ImageInfo, list[Face]]] = []
+        crops = []
+        for upload in body.images["images"]:
+            # One decoded image at a time; what is kept of it is its faces' aligned crops (112x112 each), so
+            # that every face of every image goes through the embedder in one batch.
+            async with runtime.admitted(upload):
+                image = await runtime.decode(upload)
+                if options.faces == "all":
+                    faces = await runtime.faces(image, options, embed=False, max_faces=options.max_faces)
+                else:
+                    faces = await runtime.faces(image, options, embed=False)
+                    faces = [largest(faces)] if faces else []
+                crops.append(await runtime.infer(runtime.pipeline.align, image, faces))
+                found.append((upload, image_info(image), faces))
+                del image
+        crops = np.concatenate(crops)
+        embeddings = iter(await runtime.infer(runtime.pipeline.embed_crops, crops) if len(crops) else [])
+    encode = vectors.to_base64 if options.format == "base64" else (lambda v: [float(x) for x in v])
+    return EmbedResponse(
+        model_sha256=runtime.embedder.model_id,
+        embedding_size=runtime.embedder.embedding_size,
+        format=options.format,
+        threshold=runtime.threshold,
+        flip=runtime.embedder.flip,
+        images=[
+            EmbeddedImage(
+                index=upload.index,
+                filename=upload.filename,
+                image=info,
+                faces=[EmbeddedFace(**face_out(f).model_dump(), embedding=encode(next(embeddings))) for f in faces],
+            )
+            for upload, info, faces in found
+        ],
+    )
+
+
+@router.post(
     "/verify",
     response_model=VerifyResponse,
     summary="Are two faces the same person?",
     description=(
         "Compares the largest face (or the face chosen with `face1`/`face2`, in /detect order) of `image1` "
-        "with that of `image2`, or with the enrolled identity `identity_id` (its template: the normalised mean of its faces). "
+        "with that of `image2`, or with the enrolled identity `identity_id` (its template: the normalised mean of its faces), "
+        "or with `embedding2`, an embedding the client kept from /embed (with its `model_sha256`; nothing is stored). "
         "`match` is `similarity >= threshold`. An image without a face is 422 `no_face`, naming the image."
     ),
     responses=error_responses(404, 409),
     openapi_extra=openapi_body(
-        VerifyOptions, images=("image1", "image2"), required=("image1",), exactly_one_of=("image2", "identity_id")
+        VerifyOptions, images=("image1", "image2"), required=("image1",),
+        exactly_one_of=("image2", "identity_id", "embedding2"),
     ),
 )
 async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
@@ -117,10 +182,19 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     ) as body:
         options = body.options
         second = body.one("image2")
-        if (second is None) == (options.identity_id is None):
-            raise InvalidParameter("send exactly one of image2 and identity_id", details={"field": "image2"})
+        given = [name for name, value in (("image2", second), ("identity_id", options.identity_id),
+                                          ("embedding2", options.embedding2)) if value is not None]
+        if len(given) != 1:
+            raise InvalidParameter(
+                "send exactly one of image2, identity_id and embedding2", details={"field": "image2", "given": given}
+            )
         if second is None and options.face2 is not None:
             raise InvalidParameter("face2 needs image2", details={"field": "face2"})
+        held = None
+        if options.embedding2 is not None:  # checked before any inference
+            held = runtime.client_embeddings([options.embedding2], options.model_sha256, "embedding2", indexed=False)[0]
+        elif options.model_sha256 is not None:
+            raise InvalidParameter("model_sha256 goes with embedding2", details={"field": "model_sha256"})
         if options.identity_id is not None:  # fail fast on an unknown identity, before any inference
             await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
 
@@ -139,6 +213,8 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     if second is not None:
         face2, index2, count2 = results[1]
         similarity = float(vectors.similarity(face1.embedding, face2.embedding))
+    elif held is not None:
+        similarity = float(vectors.similarity(face1.embedding, held))
     else:
         similarity = await _identity_similarity(runtime, options.identity_id, face1.embedding)
     threshold = runtime.threshold if options.threshold is None else options.threshold
@@ -154,6 +230,42 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
     )
 
 
+async def _candidates(runtime: Runtime, options: IdentifyOptions) -> np.ndarray | None:
+    """The client-held candidates' embeddings (C, D), or None to search the gallery."""
+    if options.candidates is None:
+        if options.model_sha256 is not None:
+            raise InvalidParameter("model_sha256 goes with candidates", details={"field": "model_sha256"})
+        return None
+    limit = runtime.settings.max_candidates
+    if len(options.candidates) > limit:
+        raise InvalidParameter(
+            f"at most {limit} candidates per request (FACE_MAX_CANDIDATES)",
+            details={"field": "candidates", "max_candidates": limit},
+        )
+    ids = [c.id for c in options.candidates]
+    if len(set(ids)) != len(ids):
+        raise InvalidParameter("candidate ids must be unique", details={"field": "candidates"})
+    values = [c.embedding for c in options.candidates]
+    return await runtime.infer(runtime.client_embeddings, values, options.model_sha256, "candidates")
+
+
+def _search_candidates(
+    embeddings: np.ndarray, held: np.ndarray, candidates: list, top_k: int, threshold: float
+) -> list[list[Match]]:
+    """What the gallery's search does, over the candidates a request sent: per face, up to top_k at or above
+    the threshold, best first (each candidate is one embedding: its own template)."""
+    results = []
+    for scores in np.atleast_2d(vectors.similarity(embeddings, held)) if len(embeddings) else []:
+        above = np.flatnonzero(scores >= threshold)
+        best = above[np.argsort(-scores[above], kind="stable")][:top_k]
+        results.append([
+            Match(identity_id=candidates[i].id, similarity=float(scores[i]), faces=1,
+                  display_name=candidates[i].display_name)
+            for i in best
+        ])
+    return results
+
+
 @router.post(
     "/identify",
     response_model=IdentifyResponse,
@@ -163,7 +275,9 @@ async def verify(request: Request, runtime: RuntimeDep) -> VerifyResponse:
         "best first. An empty `matches` list means nobody we know (never the nearest stranger). The threshold "
         "rises with the number of enrolled identities so that a stranger is named with at most the target "
         "probability (FACE_IDENTIFY_FPIR, default 1 %); `decision` states the threshold, the gallery size it was "
-        "set for and the expected FPIR. A `threshold` option overrides it."
+        "set for and the expected FPIR. A `threshold` option overrides it. With `candidates` (embeddings the "
+        "client holds, from /embed, and their `model_sha256`) those are searched instead of the gallery, under "
+        "the same policy for their number; nothing is stored."
     ),
     openapi_extra=openapi_body(IdentifyOptions, images=("image",), required=("image",)),
 )
@@ -176,16 +290,21 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
         runtime.admitted(body.one("image")),
     ):
         options = body.options
+        held = await _candidates(runtime, options)  # checked before any inference
         image = await runtime.decode(body.one("image"))
         info = image_info(image)
         faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
         del image  # the search below needs only the embeddings
     embeddings = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, runtime.embedder.embedding_size))
-    decision, results = await runtime.identify(embeddings, options.top_k, options.threshold)
+    if held is None:
+        decision, results = await runtime.identify(embeddings, options.top_k, options.threshold)
+    else:
+        decision = runtime.identify_policy.decide(len(options.candidates), options.threshold)
+        results = _search_candidates(embeddings, held, options.candidates, options.top_k, decision.threshold)
     return IdentifyResponse(
         image=info,
         threshold=decision.threshold,
-        decision=IdentifyDecision(**asdict(decision)),
+        decision=IdentifyDecision(**asdict(decision), searched="gallery" if held is None else "candidates"),
         faces=[
             IdentifiedFace(
                 **face_out(face).model_dump(),

@@ -24,7 +24,7 @@ from service.api.schemas import (
     face_out,
 )
 from service.api.uploads import ImageUpload, openapi_body, read_request
-from service.errors import FaceServiceError, NoFace, TooManyFaces
+from service.errors import FaceServiceError, InvalidParameter, NoFace, TooManyFaces
 from service.gallery import servable
 from service.pipeline import Face, largest
 from service.security import require_api_key
@@ -75,28 +75,66 @@ async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, option
         "`display_name` or `metadata` replaces the stored one). Each image must hold exactly one face; with "
         "`multiple_faces=largest` its largest face is used instead. If any image is rejected, nothing is "
         "stored: the error lists every rejected image (`details.rejected`: index, filename, code, reason). "
-        "The enrolment is one database transaction, committed to disk before the response."
+        "The enrolment is one database transaction, committed to disk before the response. Instead of images, "
+        "`embeddings` (from /embed, or from another instance of the same model, with their `model_sha256`) "
+        "enrol those vectors as they are."
     ),
-    responses=error_responses(400, 413, 415),
-    openapi_extra=openapi_body(EnrollOptions, list_field="images", required=("images",)),
+    responses=error_responses(400, 409, 413, 415),
+    openapi_extra=openapi_body(EnrollOptions, list_field="images", exactly_one_of=("images", "embeddings")),
 )
 async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
     settings = runtime.settings
-    faces: list[Face] = []
-    rejected: list[tuple[ImageUpload, FaceServiceError]] = []
     async with read_request(
-        request, EnrollOptions, list_field="images", required=("images",),
+        request, EnrollOptions, list_field="images",
         max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
     ) as body:
         options = body.options
-        uploads = body.images["images"]
-        for upload in uploads:  # check every image, so one answer names all the bad ones
-            try:
-                faces.append(await _enrollable_face(runtime, upload, options))
-            except FaceServiceError as exc:
-                # Kept for the answer, without its traceback: its frames hold that image's bytes, and ten
-                # refused 20 MiB images would otherwise all stay in memory until the response.
-                rejected.append((upload, exc.with_traceback(None)))
+        uploads = body.images.get("images", [])
+        if bool(uploads) == (options.embeddings is not None):
+            raise InvalidParameter("send exactly one of images and embeddings", details={"field": "images"})
+        if options.embeddings is not None:
+            embeddings = await runtime.infer(
+                runtime.client_embeddings, options.embeddings, options.model_sha256, "embeddings"
+            )
+            sources = [{"embedding_index": i} for i in range(len(embeddings))]
+        else:
+            if options.model_sha256 is not None:
+                raise InvalidParameter("model_sha256 goes with embeddings", details={"field": "model_sha256"})
+            embeddings, sources = await _enrollable_faces(runtime, uploads, options)
+
+    face_ids = await runtime.in_gallery(
+        runtime.gallery.enroll,
+        options.identity_id,
+        embeddings,
+        options.display_name,
+        options.metadata,
+        sources=sources,
+    )
+    identity = await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
+    await runtime.refresh_gallery_gauge()
+    return EnrollResponse(
+        identity_id=identity.identity_id,
+        display_name=identity.display_name,
+        faces=[EnrolledFace(face_id=face_id, **source) for face_id, source in zip(face_ids, sources)],
+        face_ids=face_ids,
+        face_count=identity.face_count,
+    )
+
+
+async def _enrollable_faces(
+    runtime: Runtime, uploads: list[ImageUpload], options: EnrollOptions
+) -> tuple[np.ndarray, list[dict]]:
+    """One embedded face per image, and where each came from; every image is checked, so that one refusal
+    names all the bad ones, and nothing is enrolled unless all pass."""
+    faces: list[Face] = []
+    rejected: list[tuple[ImageUpload, FaceServiceError]] = []
+    for upload in uploads:
+        try:
+            faces.append(await _enrollable_face(runtime, upload, options))
+        except FaceServiceError as exc:
+            # Kept for the answer, without its traceback: its frames hold that image's bytes, and ten
+            # refused 20 MiB images would otherwise all stay in memory until the response.
+            rejected.append((upload, exc.with_traceback(None)))
     if rejected:
         # The first rejection sets code and status; the details list every rejected image.
         raise type(rejected[0][1])(
@@ -109,31 +147,11 @@ async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
                 ]
             },
         )
-
     sources = [
         {"filename": u.filename, "image_index": u.index, "box": face_out(f).box, "score": round(float(f.score), 5)}
         for u, f in zip(uploads, faces)
     ]
-    face_ids = await runtime.in_gallery(
-        runtime.gallery.enroll,
-        options.identity_id,
-        np.stack([f.embedding for f in faces]),
-        options.display_name,
-        options.metadata,
-        sources=sources,
-    )
-    identity = await runtime.in_gallery(runtime.gallery.get_identity, options.identity_id)
-    await runtime.refresh_gallery_gauge()
-    return EnrollResponse(
-        identity_id=identity.identity_id,
-        display_name=identity.display_name,
-        faces=[
-            EnrolledFace(face_id=face_id, image_index=u.index, filename=u.filename, box=s["box"], score=s["score"])
-            for face_id, u, s in zip(face_ids, uploads, sources)
-        ],
-        face_ids=face_ids,
-        face_count=identity.face_count,
-    )
+    return np.stack([f.embedding for f in faces]), sources
 
 
 def _summary(identity) -> dict:

@@ -25,13 +25,14 @@ from service.api.uploads import ImageUpload
 from service.decision import Decision, IdentifyPolicy
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
-from service.errors import FaceServiceError
+from service.errors import FaceServiceError, InvalidParameter, ModelMismatch
 from service.gallery import GalleryStore, open_gallery, unservable_identities
 from service.images import probe_image
 from service.metrics import Metrics
 from service.onnx_model import session_options
 from service.pipeline import Face, Pipeline
 from service.settings import Settings
+from service.vectors import parse_embedding
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,23 @@ class Runtime:
     async def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
         """Embed only the given faces (e.g. the one chosen for /verify), not every face in the image."""
         return await self.infer(self.pipeline.embed, image, faces)
+
+    def client_embeddings(self, values: list, model_sha256: str | None, field: str, *, indexed: bool = True) -> np.ndarray:
+        """Embeddings a client sends back (from /embed), as (N, D) unit rows: 409 model_mismatch when they were
+        made by another model (they are not comparable with this embedder's), 422 when malformed."""
+        if model_sha256 is None:
+            raise InvalidParameter(
+                f"{field} needs model_sha256: the model id /embed reported with it", details={"field": "model_sha256"}
+            )
+        if model_sha256 != self.embedder.model_id and model_sha256 not in self.embedder.earlier_ids:
+            raise ModelMismatch(
+                f"{field} was made by model {model_sha256}, but this service embeds with {self.embedder.model_id}: "
+                "embeddings of different models are not comparable",
+                details={"field": field, "model_sha256": model_sha256, "expected_model_sha256": self.embedder.model_id},
+            )
+        size = self.embedder.embedding_size
+        names = [f"{field}[{i}]" for i in range(len(values))] if indexed else [field]
+        return np.stack([parse_embedding(value, size, name) for value, name in zip(values, names)])
 
     async def identify(
         self, embeddings: np.ndarray, top_k: int, threshold: float | None

@@ -36,6 +36,33 @@ IdentityId = Annotated[
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------
+ModelSha256 = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9a-f]{64}$"),
+    Field(description="The model id of the embedder that made the embedding(s), as /embed and /models report it."),
+]
+# An embedding a client sends back: what /embed returned, in either of its formats. Its size, finiteness and unit
+# length are checked against the loaded embedder (service.vectors.parse_embedding): 422 when wrong.
+EmbeddingIn = Annotated[
+    list[float] | str,
+    Field(
+        description="An L2-normalised embedding: a JSON list of numbers, or base64 of its little-endian float32 "
+        "bytes (what /embed returns with format=base64). In a multipart form, a JSON list as text or base64."
+    ),
+]
+
+
+def _json_text(value: Any, what: str) -> Any:
+    """Multipart form fields are text: a list or object sent there arrives as its JSON. Every failure is a
+    ValueError (pydantic's 422)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError(f"{what} is not valid JSON") from None
+    return value
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_image, not_found.")
     message: str = Field(description="What went wrong, for humans.")
@@ -71,6 +98,14 @@ class VerifyOptions(DetectionOptions):
     identity_id: IdentityId | None = Field(
         None, description="Compare image1 with this enrolled identity instead of with image2."
     )
+    embedding2: EmbeddingIn | None = Field(
+        None,
+        description="Compare image1 with this embedding (kept by the client, from /embed) instead of with image2; "
+        "needs model_sha256. Nothing is stored.",
+    )
+    model_sha256: ModelSha256 | None = Field(
+        None, description="With embedding2: the model id /embed reported; another model's embedding is 409."
+    )
     face1: int | None = Field(
         None, ge=0, description="Index of the face to use in image1, in /detect order; default: the largest."
     )
@@ -82,6 +117,15 @@ class VerifyOptions(DetectionOptions):
     )
 
 
+class Candidate(BaseModel):
+    """An identity the client holds, to search instead of the gallery."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: IdentityId
+    embedding: EmbeddingIn
+    display_name: str | None = Field(None, max_length=256)
+
+
 class IdentifyOptions(DetectOptions):
     top_k: int = Field(5, ge=1, le=100, description="Most identities returned per face.")
     threshold: float | None = Field(
@@ -90,10 +134,31 @@ class IdentifyOptions(DetectOptions):
         le=1.0,
         description="Override the threshold the FPIR policy would choose for this gallery (cosine similarity).",
     )
+    candidates: list[Candidate] | None = Field(
+        None,
+        min_length=1,
+        description="Search these client-held identities (one embedding each, from /embed) instead of the "
+        "gallery; needs model_sha256. The threshold follows their number like the gallery's. Nothing is stored. "
+        "At most FACE_MAX_CANDIDATES.",
+    )
+    model_sha256: ModelSha256 | None = Field(None, description="With candidates: the model id /embed reported.")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _candidates_text(cls, value):
+        return _json_text(value, "candidates")
 
 
 class EnrollOptions(DetectionOptions):
     identity_id: IdentityId
+    embeddings: list[EmbeddingIn] | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Enrol these embeddings (from /embed, or exported from another instance of the same model) "
+        "instead of images; needs model_sha256.",
+    )
+    model_sha256: ModelSha256 | None = Field(None, description="With embeddings: the model id that made them.")
     display_name: str | None = Field(None, max_length=256, description="Human-readable name.")
     metadata: dict[str, Any] | None = Field(
         None,
@@ -105,6 +170,12 @@ class EnrollOptions(DetectionOptions):
         description="What to do with an image holding several faces: `reject` it (default: enrolling a "
         "bystander would poison the identity) or enrol its `largest` face.",
     )
+
+    @field_validator("embeddings", mode="before")
+    @classmethod
+    def _embeddings_text(cls, value):
+        value = _json_text(value, "embeddings")
+        return [value] if isinstance(value, str) else value  # one base64 embedding in a form field
 
     @field_validator("display_name")
     @classmethod
@@ -187,6 +258,40 @@ class DetectResponse(BaseModel):
     faces: list[FaceOut] = Field(description="Faces, best score first.")
 
 
+class EmbedOptions(DetectOptions):
+    faces: Literal["largest", "all"] = Field(
+        "largest", description="Embed each image's `largest` face (the subject of a portrait), or `all` its faces."
+    )
+    format: Literal["json", "base64"] = Field(
+        "json", description="Embeddings as JSON lists of numbers, or as base64 of little-endian float32."
+    )
+
+
+class EmbeddedFace(FaceOut):
+    embedding: list[float] | str = Field(
+        description="The L2-normalised embedding (embedding_size values), as `format` says."
+    )
+
+
+class EmbeddedImage(BaseModel):
+    index: int = Field(description="Which uploaded image (0-based, in `images` order).")
+    filename: str | None = None
+    image: ImageInfo
+    faces: list[EmbeddedFace] = Field(description="Embedded faces, best score first; empty when none was found.")
+
+
+class EmbedResponse(BaseModel):
+    model_sha256: str = Field(
+        description="The embedder's model id: what the gallery tags faces with, and what embedding2, "
+        "candidates and embeddings must come with. Embeddings of different models are not comparable."
+    )
+    embedding_size: int
+    format: Literal["json", "base64"]
+    threshold: float = Field(description="The 1:1 match threshold (cosine similarity) of this service.")
+    flip: bool = Field(description="Whether each embedding averages the face and its mirror image.")
+    images: list[EmbeddedImage]
+
+
 class VerifiedFace(FaceOut):
     index: int = Field(description="Index of this face among the image's faces, in /detect order.")
     faces_found: int = Field(description="How many faces the image holds.")
@@ -226,7 +331,12 @@ class IdentifyDecision(BaseModel):
         "threshold, the embedder has no FAR table; settings: FACE_IDENTIFY_THRESHOLD; request: the `threshold` "
         "option."
     )
-    gallery_identities: int = Field(description="Identities searched (those with a face of the loaded embedder).")
+    gallery_identities: int = Field(
+        description="Identities searched (those with a face of the loaded embedder, or the candidates sent)."
+    )
+    searched: Literal["gallery", "candidates"] = Field(
+        "gallery", description="What was searched: the enrolled gallery, or the `candidates` the request sent."
+    )
     target_fpir: float | None = Field(None, description="The FPIR the policy aims at (policy fpir only).")
     expected_fpir: float | None = Field(
         None,
@@ -248,10 +358,11 @@ class IdentifyResponse(BaseModel):
 
 class EnrolledFace(BaseModel):
     face_id: str
-    image_index: int = Field(description="Which uploaded image (0-based) the face came from.")
+    image_index: int | None = Field(None, description="Which uploaded image (0-based) the face came from.")
+    embedding_index: int | None = Field(None, description="Which sent embedding (0-based) the face is.")
     filename: str | None = None
-    box: list[float] = Field(min_length=4, max_length=4)
-    score: float
+    box: list[float] | None = Field(None, min_length=4, max_length=4, description="Absent for an embedding.")
+    score: float | None = None
 
 
 class EnrollResponse(BaseModel):

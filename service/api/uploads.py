@@ -47,6 +47,9 @@ Options = TypeVar("Options", bound=BaseModel)
 
 # Text fields are options and small JSON; 64 KiB leaves room for metadata (itself capped at 16 KiB).
 MAX_TEXT_FIELD_BYTES = 64 * 1024
+# One client-held /identify candidate: a base64 embedding of up to 512 float32 (2,732 characters), its id and
+# JSON punctuation.
+CANDIDATE_BYTES = 4096
 # Multipart framing, text fields and headers on top of the images themselves.
 BODY_OVERHEAD_BYTES = 256 * 1024
 
