@@ -57,7 +57,7 @@ def test_embed_agrees_with_verify_on_labelled_pairs(client, faces_dir, pairs, fi
         assert abs(float(ea @ eb) - verify["similarity"]) < 1e-5, (a, b)
         assert verify["match"] == same  # the labelled answer, so the embeddings are the right faces
         assert body["images"][0]["faces"][0]["box"] == verify["face1"]["box"]
-    figures(f"/embed vs /verify: cosine equal to 1e-5 on {len(pairs)} labelled pairs (batched embedding of two images)")
+    figures(f"/embed vs /verify: cosine equal to 1e-5 on {len(pairs)} labelled pairs")
 
 
 def test_embed_several_images_and_all_faces_in_both_formats(client, faces_dir):

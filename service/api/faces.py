@@ -124,10 +124,10 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
     ) as body:
         options = body.options
         found: list[tuple[ImageUpload, ImageInfo, list[Face]]] = []
-        crops = []
         for upload in body.images["images"]:
-            # One decoded image at a time; what is kept of it is its faces' aligned crops (112x112 each), so
-            # that every face of every image goes through the embedder in one batch.
+            # One decoded image at a time, its faces embedded before the next is decoded. Not one embedder batch
+            # across images: measured (benchmarks/embed_batching.py, BENCHMARKS.md), a batch of N crops costs
+            # more per face than N calls of one on ONNX Runtime's CPU provider, so batching would only add memory.
             async with runtime.admitted(upload):
                 image = await runtime.decode(upload)
                 if options.faces == "all":
@@ -135,11 +135,8 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
                 else:
                     faces = await runtime.faces(image, options, embed=False)
                     faces = [largest(faces)] if faces else []
-                crops.append(await runtime.infer(runtime.pipeline.align, image, faces))
-                found.append((upload, image_info(image), faces))
+                found.append((upload, image_info(image), await runtime.embed(image, faces)))
                 del image
-        crops = np.concatenate(crops)
-        embeddings = iter(await runtime.infer(runtime.pipeline.embed_crops, crops) if len(crops) else [])
     encode = vectors.to_base64 if options.format == "base64" else (lambda v: [float(x) for x in v])
     return EmbedResponse(
         model_sha256=runtime.embedder.model_id,
@@ -152,7 +149,7 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
                 index=upload.index,
                 filename=upload.filename,
                 image=info,
-                faces=[EmbeddedFace(**face_out(f).model_dump(), embedding=encode(next(embeddings))) for f in faces],
+                faces=[EmbeddedFace(**face_out(f).model_dump(), embedding=encode(f.embedding)) for f in faces],
             )
             for upload, info, faces in found
         ],
