@@ -20,17 +20,18 @@ from export.core import ExportError, export_onnx, read_metadata, sha256_file
 from export.templates import ARCFACE_TEMPLATE_112
 
 
+def _meta(kind: str, color: str, mean: list, std: list, input_size: list[int] | None) -> dict[str, object]:
+    """The keys every model file carries (docs/model-contract.md), for a randomly initialised test network."""
+    return {
+        "face.kind": kind, "face.arch": f"tiny-test-{kind}", "face.layout": "NCHW", "face.color": color,
+        "face.mean": mean, "face.std": std, "face.input_size": input_size,
+        "face.source": "random-init", "face.source_sha256": ("ab" if kind == "embedder" else "cd") * 32,
+    }  # fmt: skip
+
+
 def _embedder_meta(size: int = 16, input_size: list[int] | None = None) -> dict[str, object]:
     return {
-        "face.kind": "embedder",
-        "face.arch": "tiny-test-net",
-        "face.layout": "NCHW",
-        "face.color": "RGB",
-        "face.mean": [127.5, 127.5, 127.5],
-        "face.std": [127.5, 127.5, 127.5],
-        "face.input_size": input_size or [32, 32],
-        "face.source": "random-init",
-        "face.source_sha256": "ab" * 32,
+        **_meta("embedder", "RGB", [127.5] * 3, [127.5] * 3, input_size or [32, 32]),
         "face.embedder.template": ARCFACE_TEMPLATE_112,
         "face.embedder.embedding_size": size,
         "face.embedder.flip": False,
@@ -39,15 +40,7 @@ def _embedder_meta(size: int = 16, input_size: list[int] | None = None) -> dict[
 
 def _detector_meta() -> dict[str, object]:
     return {
-        "face.kind": "detector",
-        "face.arch": "tiny-test-detector",
-        "face.layout": "NCHW",
-        "face.color": "BGR",
-        "face.mean": [104, 117, 123],
-        "face.std": [1, 1, 1],
-        "face.input_size": None,
-        "face.source": "random-init",
-        "face.source_sha256": "cd" * 32,
+        **_meta("detector", "BGR", [104, 117, 123], [1, 1, 1], None),
         "face.detector.priors": {"min_sizes": [[16, 32]], "steps": [8], "variance": [0.1, 0.2]},
         "face.detector.score_threshold": 0.5,
         "face.detector.nms_threshold": 0.4,
