@@ -117,6 +117,86 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from evaluate import quality as q
+    from evaluate.pairs import build_pipeline, read_pairs
+    from service.onnx_model import file_sha256
+
+    settings = _settings(args)
+    pipeline = build_pipeline(settings)
+    threshold = settings.match_threshold if settings.match_threshold is not None else pipeline.embedder.threshold
+    pairs = [p for p in read_pairs(args.pairs, args.images_root) if p.same]
+    if args.limit:
+        pairs = pairs[: args.limit]
+    photos = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "photo_quality.npz"
+    key = (f"{file_sha256(settings.detector_path)}:{file_sha256(settings.embedder_path)}:{pipeline.embedder.flip}:"
+           f"{','.join(q.SIGNALS)}")
+    measured = None
+    if cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        if str(saved["key"]) == key and set(saved["paths"].tolist()) >= {str(p) for p in photos}:
+            measured = {Path(p): (None if not ok else q.PhotoQuality(dict(zip(saved["names"].tolist(), s)), e))
+                        for p, ok, s, e in zip(saved["paths"].tolist(), saved["found"], saved["signals"],
+                                               saved["embeddings"])}
+            print(f"  reusing {cache}")
+    if measured is None:
+        face = "central" if Path(args.pairs).suffix == ".txt" else "largest"
+        measured = q.measure_photos(pipeline, photos, face=face, max_pixels=settings.max_image_pixels,
+                                    detection_score=settings.detection_score_threshold, max_faces=settings.max_faces)
+        names = sorted(next(m.signals for m in measured.values() if m is not None))
+        dim = pipeline.embedder.embedding_size
+        np.savez(cache, key=key, paths=[str(p) for p in measured], names=names,
+                 found=[m is not None for m in measured.values()],
+                 signals=[[m.signals[n] for n in names] if m else [np.nan] * len(names) for m in measured.values()],
+                 embeddings=[m.embedding if m else np.zeros(dim, np.float32) for m in measured.values()])
+
+    usable = [p for p in pairs if measured[p.a] is not None and measured[p.b] is not None]
+    similarity = np.array([float(measured[p.a].embedding @ measured[p.b].embedding) for p in usable])
+    fa = q.feature_matrix([measured[p.a].signals for p in usable])
+    fb = q.feature_matrix([measured[p.b].signals for p in usable])
+    folds = np.array([p.fold for p in usable])
+    if len(set(folds.tolist())) < 2:  # e.g. pairs.csv: five folds by position, for out-of-fold qualities
+        folds = np.arange(len(usable)) % 5
+    pair_quality = np.empty(len(usable))
+    for fold in np.unique(folds):  # out-of-fold: each fold scored by a model fitted on the others
+        other = folds != fold
+        model = q.fit(fa[other], fb[other], similarity[other])
+        pair_quality[~other] = np.minimum(q.predict(model, fa[~other]), q.predict(model, fb[~other]))
+    curve = q.error_versus_discard(pair_quality, similarity, threshold)
+    shipped = q.fit(fa, fb, similarity)
+    faces = [m.signals for m in measured.values() if m is not None]
+    all_f = q.feature_matrix(faces)
+    per_face = {name: [float(v) for v in np.percentile([s[name] for s in faces], [1, 5, 50, 95, 99])]
+                for name in sorted(faces[0])}
+    from service.quality import features
+
+    for angle in ("abs_yaw", "abs_pitch"):
+        per_face[angle] = [float(v) for v in np.percentile([features(s)[angle] for s in faces], [1, 5, 50, 95, 99])]
+    per_face["quality"] = [float(v) for v in np.percentile(q.predict(shipped, all_f), [1, 5, 50, 95, 99])]
+    png = q.plot_curve(curve, args.out / "error_vs_discard.png",
+                       f"{Path(args.pairs).name}: FNMR at {threshold:.4f} vs quality discarded")
+    summary = {
+        "pairs_file": str(args.pairs), "embedder": str(settings.embedder_path), "threshold": threshold,
+        "same_pairs": len(pairs), "same_pairs_with_both_faces": len(usable), "photos": len(photos),
+        "error_versus_discard": curve, "model_fitted_on_all_folds": shipped,
+        "per_face_percentiles_1_5_50_95_99": per_face, "plot": str(png),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{Path(args.pairs).name}: {len(usable)} same-person pairs, threshold {threshold}")
+    print("  discarded  FNMR (lowest quality)  FNMR (random)  misses kept")
+    for row in curve:
+        print(f"  {100 * row['discarded']:8.0f}%  {100 * row['fnmr']:20.3f}%  {100 * row['fnmr_random_discard']:12.3f}%"
+              f"  {row['misses_kept']:11d}")
+    print("  per face (percentiles 1, 5, 50, 95, 99):")
+    for name, values in per_face.items():
+        print(f"    {name:18s} " + "  ".join(f"{v:9.3f}" for v in values))
+    print("  QUALITY_MODEL = " + json.dumps({k: round(v, 6) for k, v in shipped.items()}))
+    print(f"  wrote {png} and {args.out / 'summary.json'}")
+    return 0
+
+
 def cmd_identify(args) -> int:
     from evaluate.open_set import evaluate_open_set, plot_det, plot_prediction, report_lines
     from evaluate.pairs import build_pipeline
@@ -306,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
                              "whose photos are centred on the subject; largest, as /verify does, otherwise)")
     _common(verify)
     verify.set_defaults(run=cmd_verify)
+
+    qual = sub.add_parser("quality", help="fit the face quality score and draw its error-versus-discard curve")
+    qual.add_argument("--pairs", required=True, type=Path, help="pairs.csv or an LFW pairs.txt (same-person pairs used)")
+    qual.add_argument("--images-root", type=Path, help="photos folder (default: as for verify)")
+    qual.add_argument("--threshold", type=float, help="threshold under test (default: the server's)")
+    qual.add_argument("--limit", type=int, help="only the first N same-person pairs (a quick look)")
+    _common(qual)
+    qual.set_defaults(run=cmd_quality)
 
     ident = sub.add_parser("identify", help="open-set identification (1:N with strangers) on a folder of people")
     ident.add_argument("--people", required=True, type=Path,

@@ -166,13 +166,20 @@ class Embedder:
         With flip (default: self.flip), each embedding is the sum of the crop's and its mirror's, then
         normalised; the mirrored crops ride in the same ORT batches.
         """
+        return self.embed_with_norms(crops, flip)[0]
+
+    def embed_with_norms(
+        self, crops: Sequence[np.ndarray] | np.ndarray, flip: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`embed`, and each embedding's length before normalisation (N,): for margin-trained embedders it
+        tracks how recognisable the face is (service/quality.py measures it on this model)."""
         height, width = self.input_size
         if isinstance(crops, np.ndarray) and crops.ndim == 4:
             batch = crops
         else:
             crops = list(crops)
             if not crops:
-                return np.zeros((0, self.embedding_size), np.float32)
+                return np.zeros((0, self.embedding_size), np.float32), np.zeros(0, np.float32)
             batch = np.stack([np.asarray(c) for c in crops])
         if batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
             raise InvalidParameter(
@@ -182,11 +189,11 @@ class Embedder:
             raise InvalidParameter(f"crops must be uint8, got {batch.dtype}")
         n = len(batch)
         if n == 0:
-            return np.zeros((0, self.embedding_size), np.float32)
+            return np.zeros((0, self.embedding_size), np.float32), np.zeros(0, np.float32)
         use_flip = self.flip if flip is None else flip
         if use_flip:
             raw = self._run(np.concatenate([batch, batch[:, :, ::-1]]))
             raw = raw[:n] + raw[n:]
         else:
             raw = self._run(batch)
-        return l2_normalise(raw)
+        return l2_normalise(raw), np.linalg.norm(raw, axis=1).astype(np.float32)

@@ -59,6 +59,36 @@ class TooManyFaces(FaceServiceError):
     status = 422
 
 
+class PoorFace(FaceServiceError):
+    """An enrolment face below one of the quality minimums (service/quality.py, FACE_ENROLL_* settings): stored,
+    it would match strangers or miss the person. Each subclass names the signal."""
+    status = 422
+
+
+class SmallFace(PoorFace):
+    code = "small_face"
+
+
+class ExtremePose(PoorFace):
+    code = "extreme_pose"
+
+
+class LowSharpness(PoorFace):
+    code = "low_sharpness"
+
+
+class LowBrightness(PoorFace):
+    code = "low_brightness"
+
+
+class HighBrightness(PoorFace):
+    code = "high_brightness"
+
+
+class LowQuality(PoorFace):
+    code = "low_quality"
+
+
 class InvalidParameter(FaceServiceError):
     code = "invalid_parameter"
     status = 422

@@ -19,6 +19,7 @@ from service.align import align_face
 from service.detector import RetinaFaceDetector
 from service.embedder import Embedder
 from service.images import decode_image
+from service.quality import FaceQuality, assess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Face:
     score: float  # detector probability in [0, 1]
     landmarks: np.ndarray  # (5, 2) float32 x, y
     embedding: np.ndarray | None = None  # (D,) float32, unit length; None when not computed
+    quality: FaceQuality | None = None  # signals and score (service/quality.py); None when not assessed
 
     @property
     def width(self) -> float:
@@ -100,17 +102,22 @@ class Pipeline:
         with self.stage("align"):
             return np.stack([align_face(image, f.landmarks, self.embedder.template, (h, w)) for f in faces])
 
-    def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        """Fill in the given faces' embeddings (one batched embedder call for all of them); returns them."""
+    def embed(self, image: np.ndarray, faces: list[Face], *, quality: bool = False) -> list[Face]:
+        """Fill in the given faces' embeddings (one batched embedder call for all of them), and their quality
+        when asked (from the same aligned crops and the embeddings' lengths); returns them."""
         if faces:
-            for face, embedding in zip(faces, self.embed_crops(self.align(image, faces))):
+            crops = self.align(image, faces)
+            with self.stage("embed"):
+                embeddings, norms = self.embedder.embed_with_norms(crops)
+            for face, embedding in zip(faces, embeddings):
                 face.embedding = embedding
+            if quality:
+                with self.stage("quality"):
+                    for face, crop, norm in zip(faces, crops, norms):
+                        face.quality = assess(
+                            image.shape, face.landmarks, face.score, crop, self.embedder.template, float(norm)
+                        )
         return faces
-
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned crops (N, h, w, 3), e.g. of faces from several images, -> (N, D) unit embeddings, batched."""
-        with self.stage("embed"):
-            return self.embedder.embed(crops)
 
     def analyse(
         self,
@@ -119,9 +126,11 @@ class Pipeline:
         min_face_size: float = 0,
         max_faces: int | None = None,
         embed: bool = True,
+        quality: bool = False,
     ) -> list[Face]:
-        """detect -> align -> embed for every face in a decoded BGR image (detect only when not `embed`)."""
+        """detect -> align -> embed for every face in a decoded BGR image (detect only when neither `embed` nor
+        `quality`: a face's quality rests on its embedding's length, so asking for it embeds the face)."""
         faces = self.detect(
             image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
         )
-        return self.embed(image, faces) if embed else faces
+        return self.embed(image, faces, quality=quality) if embed or quality else faces

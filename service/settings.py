@@ -18,6 +18,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 MB = 1024 * 1024
 
 
+# Enrolment quality minimums (service/quality.py), from lfw-dev's 2,375 same-person photos (`python -m evaluate
+# quality`, measured 2026-12-01): its 1st percentile of each signal (99th for the angles), rounded outwards: face
+# size 32.1 px, |yaw| 43.5 deg, |pitch| 32.6 deg, sharpness 41.0, quality 0.568. Brightness is looser than its
+# percentiles (77.1 and 180.7): well-lit portraits in ../shared/data/faces reach 191 (a pale face in bright light
+# is not overexposed), so the ceiling sits halfway from there to white, and the floor as far below lfw-dev's
+# darkest 1 %.
+ENROLL_DEFAULTS = {
+    "face_size": 30.0, "max_yaw": 45.0, "max_pitch": 35.0, "sharpness": 40.0, "brightness": 60.0,
+    "max_brightness": 220.0, "quality": 0.55,
+}
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask a container or taskset gives it, not the host's)."""
     try:
@@ -70,6 +82,31 @@ class Settings(BaseSettings):
         None,
         description="Average each embedding with that of the mirrored crop. Unset: what the embedder's "
         "metadata (face.embedder.flip) recommends.",
+    )
+
+    # --- enrolment quality (service/quality.py) ---------------------------------------------------
+    # Defaults measured on ../shared/data/lfw-dev (ENROLL_DEFAULTS above): each refuses about 1 % of its faces on
+    # that signal alone, so ordinary photos pass. README "Face quality" has the figures.
+    enroll_min_face_size: float = Field(
+        ENROLL_DEFAULTS["face_size"], ge=0, description="Least inter-ocular distance (pixels) of an enrolment face."
+    )
+    enroll_max_yaw: float = Field(
+        ENROLL_DEFAULTS["max_yaw"], ge=0, le=180, description="Most head turn (degrees, either way) of an enrolment face."
+    )
+    enroll_max_pitch: float = Field(
+        ENROLL_DEFAULTS["max_pitch"], ge=0, le=180, description="Most head tilt (degrees, up or down) of an enrolment face."
+    )
+    enroll_min_sharpness: float = Field(
+        ENROLL_DEFAULTS["sharpness"], ge=0, description="Least sharpness (variance of the Laplacian) of an enrolment face."
+    )
+    enroll_min_brightness: float = Field(
+        ENROLL_DEFAULTS["brightness"], ge=0, le=255, description="Least mean grey level of an enrolment face."
+    )
+    enroll_max_brightness: float = Field(
+        ENROLL_DEFAULTS["max_brightness"], ge=0, le=255, description="Most mean grey level of an enrolment face."
+    )
+    enroll_min_quality: float = Field(
+        ENROLL_DEFAULTS["quality"], ge=0, le=1, description="Least overall quality score (0-1) of an enrolment face."
     )
 
     # --- decisions ----------------------------------------------------------------------------------
@@ -264,6 +301,16 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"model file {path} does not exist (run `make models` or set FACE_MODELS_DIR)")
         return self
+
+    @property
+    def enroll_minimums(self):  # service.quality.Minimums (imported here: it brings OpenCV)
+        from service.quality import Minimums
+
+        return Minimums(
+            face_size=self.enroll_min_face_size, max_yaw=self.enroll_max_yaw, max_pitch=self.enroll_max_pitch,
+            sharpness=self.enroll_min_sharpness, brightness=self.enroll_min_brightness,
+            max_brightness=self.enroll_max_brightness, quality=self.enroll_min_quality,
+        )
 
     @property
     def detector_path(self) -> Path:

@@ -27,6 +27,7 @@ from service.api.uploads import ImageUpload, openapi_body, read_request
 from service.errors import FaceServiceError, InvalidParameter, NoFace, TooManyFaces
 from service.gallery import servable
 from service.pipeline import Face, largest
+from service.quality import refuse_poor_face
 from service.security import require_api_key
 
 router = APIRouter(
@@ -62,7 +63,9 @@ async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, option
             details={**upload.describe(), "faces_found": len(faces)},
         )
     face = largest(faces)
-    await runtime.embed(image, [face])
+    await runtime.embed(image, [face], quality=True)
+    if options.check_quality:
+        refuse_poor_face(face.quality, runtime.settings.enroll_minimums)
     return face
 
 
@@ -148,7 +151,8 @@ async def _enrollable_faces(
             },
         )
     sources = [
-        {"filename": u.filename, "image_index": u.index, "box": face_out(f).box, "score": round(float(f.score), 5)}
+        {"filename": u.filename, "image_index": u.index, "box": face_out(f).box, "score": round(float(f.score), 5),
+         "quality": f.quality.as_dict()}
         for u, f in zip(uploads, faces)
     ]
     return np.stack([f.embedding for f in faces]), sources

@@ -182,14 +182,16 @@ class Runtime:
     def _faces(self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int) -> list[Face]:
         score = options.min_score if options.min_score is not None else self.settings.detection_score_threshold
         faces = self.pipeline.analyse(
-            image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces, embed=embed
+            image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces, embed=embed,
+            quality=getattr(options, "quality", False),
         )
         self.metrics.faces.inc(len(faces))
         return faces
 
-    async def embed(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        """Embed only the given faces (e.g. the one chosen for /verify), not every face in the image."""
-        return await self.infer(self.pipeline.embed, image, faces)
+    async def embed(self, image: np.ndarray, faces: list[Face], *, quality: bool = False) -> list[Face]:
+        """Embed only the given faces (e.g. the one chosen for /verify), not every face in the image; with their
+        quality when asked."""
+        return await self.infer(self.pipeline.embed, image, faces, quality=quality)
 
     def client_embeddings(self, values: list, model_sha256: str | None, field: str, *, indexed: bool = True) -> np.ndarray:
         """Embeddings a client sends back (from /embed), as (N, D) unit rows: 409 model_mismatch when they were

@@ -92,6 +92,7 @@ class DetectionOptions(_Options):
 
 class DetectOptions(DetectionOptions):
     max_faces: int | None = Field(None, ge=1, description="Return at most this many faces (best scores first).")
+    quality: bool = Field(False, description="Add each face's quality signals and score (`quality`).")
 
 
 class VerifyOptions(DetectionOptions):
@@ -165,6 +166,11 @@ class EnrollOptions(DetectionOptions):
         description=f"Free-form JSON object stored with the identity (at most {MAX_METADATA_BYTES} bytes as "
         f"compact JSON, {MAX_METADATA_DEPTH} levels deep)",
     )
+    check_quality: bool = Field(
+        True,
+        description="Refuse faces below the quality minimums (FACE_ENROLL_MIN_*, FACE_ENROLL_MAX_*). false: "
+        "enrol them anyway, e.g. when the photo is the best there is; their signals are stored with the face.",
+    )
     multiple_faces: Literal["reject", "largest"] = Field(
         "reject",
         description="What to do with an image holding several faces: `reject` it (default: enrolling a "
@@ -234,6 +240,23 @@ class ImageInfo(BaseModel):
     height: int
 
 
+class QualityOut(BaseModel):
+    """How usable a face is for recognition (service/quality.py; README "Face quality")."""
+
+    quality: float = Field(description="0..1: the cosine similarity two photos of this quality are expected to "
+                           "reach for the same person; near or below the match threshold, the person may be missed.")
+    face_size: float = Field(description="Inter-ocular distance in image pixels.")
+    detector_score: float
+    yaw: float | None = Field(description="Head turn in degrees, positive towards the viewer's left; 0 is frontal.")
+    pitch: float | None = Field(description="Head tilt in degrees, positive looking down.")
+    roll: float | None = Field(description="In-plane lean in degrees, positive clockwise.")
+    sharpness: float = Field(description="Variance of the Laplacian of the aligned face (grey levels squared).")
+    brightness: float = Field(description="Mean grey level of the aligned face, 0..255.")
+    contrast: float = Field(description="Standard deviation of the aligned face's grey levels.")
+    embedding_norm: float = Field(description="Length of the face's embedding before normalisation: longer for "
+                                  "more recognisable faces (margin-trained embedders).")
+
+
 class FaceOut(BaseModel):
     box: list[float] = Field(
         min_length=4,
@@ -242,6 +265,7 @@ class FaceOut(BaseModel):
     )
     score: float = Field(description="Face probability from the detector, 0..1.")
     landmarks: list[Point] = Field(min_length=5, max_length=5, description="Five [x, y] points in image pixels.")
+    quality: QualityOut | None = Field(None, description="With `quality=true`: signals and score.")
 
 
 def face_out(face) -> FaceOut:
@@ -250,6 +274,7 @@ def face_out(face) -> FaceOut:
         box=[round(float(v), 2) for v in face.box],
         score=round(float(face.score), 5),
         landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
+        quality=None if face.quality is None else QualityOut(**face.quality.as_dict()),
     )
 
 
@@ -363,6 +388,7 @@ class EnrolledFace(BaseModel):
     filename: str | None = None
     box: list[float] | None = Field(None, min_length=4, max_length=4, description="Absent for an embedding.")
     score: float | None = None
+    quality: QualityOut | None = Field(None, description="The face's quality signals (absent for an embedding).")
 
 
 class EnrollResponse(BaseModel):
@@ -486,7 +512,9 @@ _ERROR_MEANINGS = {
     413: "Image or request body too large, or too many pixels (image_too_large); a JSON body over its cap "
     "(json_body_too_large: send the images as multipart/form-data).",
     415: "Not a supported image format or body type (unsupported_media_type).",
-    422: "Bad parameter (invalid_parameter), no face (no_face) or too many faces (too_many_faces).",
+    422: "Bad parameter (invalid_parameter), no face (no_face), too many faces (too_many_faces), or an enrolment "
+    "face below a quality minimum (small_face, extreme_pose, low_sharpness, low_brightness, high_brightness, "
+    "low_quality).",
     503: "Models or gallery not loaded (not_ready).",
 }
 
