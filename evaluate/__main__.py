@@ -10,6 +10,9 @@
              FAR(t) table from every different-person pair and the FPIR it predicts, the service's threshold
              policy replayed, candidate decision rules compared; writes det.png, fpir.png, far_table.json,
              summary.json; --write-table puts the FAR table into an embedder's metadata.
+  quality    the face quality score (service/quality.py) fitted on a pairs file's same-person pairs, and its
+             error-versus-discard curve (FNMR at the threshold as the lowest-quality pairs are discarded, against
+             random discards), per-face percentiles of every signal; writes error_vs_discard.png, summary.json.
   wider      WIDER FACE AP (easy/medium/hard with the eval_tools .mat files, else `all`), from a predictions
              folder or by running the served detector over the WIDER images.
 

@@ -185,3 +185,22 @@ def test_write_far_table_refuses_a_changed_or_wrong_file(default_models, tmp_pat
 
     with pytest.raises(FarTableError):
         write_far_table(model, {**FAR_TABLE, "far": list(reversed(FAR_TABLE["far"]))})
+
+
+def test_quality_on_pairs_csv(default_models, faces_dir, tmp_path, capsys):
+    out = tmp_path / "quality"
+    assert main(["quality", "--pairs", str(faces_dir / "pairs" / "pairs.csv"), "--models-dir", str(default_models),
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["same_pairs"] == 38 and summary["same_pairs_with_both_faces"] == 38
+    curve = summary["error_versus_discard"]
+    assert [row["discarded"] for row in curve][:3] == [0.0, 0.01, 0.02]
+    assert all(0 <= row["fnmr"] <= 1 and row["pairs_kept"] <= 38 for row in curve)
+    model = summary["model_fitted_on_all_folds"]
+    assert set(model) == {"intercept", "log_embedding_norm", "log_face_size", "abs_yaw", "abs_pitch"}
+    assert model["log_embedding_norm"] > 0  # longer embeddings, more similar same-person pairs, here too
+    assert (out / "error_vs_discard.png").read_bytes()[:8] == PNG_MAGIC
+    # The photos are measured once: a second run reads them back.
+    assert main(["quality", "--pairs", str(faces_dir / "pairs" / "pairs.csv"), "--models-dir", str(default_models),
+                 "--out", str(out)]) == 0
+    assert "reusing" in capsys.readouterr().out
