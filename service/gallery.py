@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidParameter, ModelError, NotFound
-from service.vectors import similarity
+from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
+from service.vectors import UNIT_TOLERANCE, similarity
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,89 @@ class Enrolment:
         ]
 
 
+@dataclass(frozen=True)
+class ImportedIdentity:
+    """One identity for `GalleryStore.import_identities`, as a backup or another system holds it."""
+
+    identity_id: str
+    embeddings: Any  # (k, D) unit vectors, k >= 1
+    model_sha256: str  # the model that made them: only the store's own model is accepted
+    display_name: str | None = None
+    metadata: dict | None = None
+
+
+def check_import(batch: Sequence[ImportedIdentity], model_sha256: str, size: int) -> list[Enrolment]:
+    """Each identity checked as an enrolment is (id, display name, metadata, embeddings of `size` values), plus: its
+    embeddings made by `model_sha256` (else ModelMismatch) and of unit length within UNIT_TOLERANCE (a raw network
+    output is not an embedding the service made), and no id twice in the batch. The first problem raises, its
+    details naming the item's `index` in the batch. The vectors are checked for the whole batch at once: the
+    per-identity numpy calls of `check_enrolment` would cost more than writing the rows."""
+    now = time.time()
+    seen: set[str] = set()
+    matrices, fields = [], []
+    for index, item in enumerate(batch):
+        try:
+            metadata_json = check_identity_fields(item.identity_id, item.display_name, item.metadata)
+            if item.identity_id in seen:
+                raise InvalidParameter("the identity appears twice in one batch")
+            seen.add(item.identity_id)
+            if item.model_sha256 != model_sha256:
+                raise ModelMismatch(
+                    f"embeddings of model {str(item.model_sha256)[:12]}, this gallery's model is {model_sha256[:12]}: "
+                    "embeddings of different models are never compared",
+                    details={"model_sha256": str(item.model_sha256)[:64], "expected_model_sha256": model_sha256},
+                )
+            vectors = np.asarray(item.embeddings, dtype=np.float32)
+            if vectors.ndim != 2 or vectors.shape[1] != size or len(vectors) == 0:
+                raise InvalidParameter(
+                    f"embeddings must have shape (k >= 1, {size}), got {vectors.shape}", details={"expected_size": size}
+                )
+        except FaceServiceError as exc:
+            raise _at(exc, index, item) from None
+        except (TypeError, ValueError) as exc:  # np.asarray of something that is not numbers
+            raise _at(InvalidParameter(f"embeddings are not numbers ({exc})"), index, item) from None
+        matrices.append(vectors)
+        fields.append(metadata_json)
+    if not matrices:
+        return []
+    vectors = np.concatenate(matrices)
+    ends = np.cumsum([len(m) for m in matrices])
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors.astype(np.float64), vectors.astype(np.float64)))
+    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_TOLERANCE))  # NaN and infinities fail this too
+    if len(bad):
+        index = int(np.searchsorted(ends, bad[0], side="right"))
+        problem = (
+            InvalidParameter("embeddings hold NaN or infinite values")
+            if not np.isfinite(norms[bad[0]])
+            else InvalidParameter(
+                f"an embedding has length {norms[bad[0]]:.6g}, not 1: import L2-normalised embeddings",
+                details={"norm": float(norms[bad[0]]), "tolerance": UNIT_TOLERANCE},
+            )
+        )
+        raise _at(problem, index, batch[index])
+    vectors = (vectors / norms[:, None]).astype(np.float32)
+    starts = ends - [len(m) for m in matrices]
+    return [
+        Enrolment(
+            identity_id=item.identity_id,
+            vectors=vectors[start:end],
+            face_ids=[uuid.uuid4().hex for _ in range(end - start)],
+            sources=[None] * int(end - start),
+            display_name=item.display_name,
+            metadata_json=metadata_json,
+            created_at=now,
+        )
+        for item, metadata_json, start, end in zip(batch, fields, starts.tolist(), ends.tolist())
+    ]
+
+
+def _at(exc: FaceServiceError, index: int, item: ImportedIdentity) -> FaceServiceError:
+    """The same error, naming the batch item it is about."""
+    identity = str(getattr(item, "identity_id", ""))[:200]
+    return type(exc)(f"identity {identity!r}: {exc.message}", details={**exc.details, "index": index,
+                                                                       "identity_id": identity})
+
+
 class GalleryStore(ABC):
     """What the routers and the pipeline use, whichever store runs: this module's SQLite `Gallery` (one process)
     or `service.pg_gallery.PostgresGallery` (any number of replicas). tests/test_gallery.py holds both to it.
@@ -250,6 +333,27 @@ class GalleryStore(ABC):
         )
         self._write_enrolment(enrolment)
         return enrolment.face_ids
+
+    def import_identities(self, batch: Sequence[ImportedIdentity]) -> int:
+        """Bulk load (service/gallery_io.py): write the identities of `batch` that the store does not hold yet,
+        with their faces and templates, in ONE transaction committed durably before returning; identities it
+        already holds are skipped whole (nothing added to them, names and metadata untouched), so an interrupted
+        import can simply run again. Every identity is checked first (`check_import`); one bad identity raises
+        and nothing of the batch is written. Returns how many identities were added."""
+        enrolments = check_import(batch, self.model_sha256, self.embedding_size)
+        return self._write_new_identities(enrolments) if enrolments else 0
+
+    def export_identities(self, page: int = 1000) -> Iterator[ImportedIdentity]:
+        """Every identity, in id order, with its current-model embeddings as stored ((0, D) when it has none),
+        read a page of identities at a time: what `import_identities` takes, for backups and moves. Faces of
+        other models are not included (count_foreign counts them)."""
+        after = ""  # every id sorts after the empty string
+        while True:
+            identities = self._export_page(after, page)
+            yield from identities
+            if len(identities) < page:
+                return
+            after = identities[-1].identity_id
 
     def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
         """A page of identities ordered by id, and the total number of identities."""
@@ -294,6 +398,14 @@ class GalleryStore(ABC):
 
     @abstractmethod
     def _write_enrolment(self, enrolment: Enrolment) -> None: ...
+    @abstractmethod
+    def _write_new_identities(self, enrolments: list[Enrolment]) -> int:
+        """Of checked enrolments with distinct ids, write those whose identity does not exist, in one transaction;
+        return how many were written."""
+    @abstractmethod
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        """Up to `limit` identities with ids after `after` (byte order), each with its current-model embeddings
+        in enrolment order."""
     @abstractmethod
     def delete_identity(self, identity_id: str) -> int: ...
     @abstractmethod
@@ -351,6 +463,27 @@ def identity_with_faces(row: tuple, stored: Iterable[tuple], model_sha256: str) 
     current = sum(f.current_model for f in faces)
     identity = identity_from_row((*row[:4], current, len(faces) - current))
     return dataclasses.replace(identity, faces=faces)
+
+
+def exported(identities: Sequence[tuple], faces: Iterable[tuple], model_sha256: str, size: int) -> list[ImportedIdentity]:
+    """Identity rows (id, display_name, metadata JSON) and face rows (identity_id, embedding as float32 bytes or
+    a vector) as `export_identities` yields them."""
+    embeddings: dict[str, list] = {}
+    for identity_id, embedding in faces:
+        embeddings.setdefault(identity_id, []).append(
+            np.frombuffer(embedding, dtype="<f4") if isinstance(embedding, bytes) else embedding
+        )
+    empty = np.zeros((0, size), dtype=np.float32)
+    return [
+        ImportedIdentity(
+            identity_id=identity_id,
+            embeddings=np.array(embeddings[identity_id], dtype=np.float32) if identity_id in embeddings else empty,
+            model_sha256=model_sha256,
+            display_name=display_name,
+            metadata=json.loads(metadata) if metadata else {},
+        )
+        for identity_id, display_name, metadata in identities
+    ]
 
 
 class GallerySetupError(Exception):
@@ -427,14 +560,21 @@ def check_enrolment(
     vectors = unit_rows(embeddings, size, "embeddings")
     if len(vectors) == 0:
         raise InvalidParameter("nothing to enroll: no embeddings given")
+    metadata_json = check_identity_fields(identity_id, display_name, metadata)
+    if sources is not None and len(sources) != len(vectors):
+        raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
+    return vectors, metadata_json
+
+
+def check_identity_fields(identity_id: Any, display_name: Any, metadata: Any) -> str | None:
+    """The checks an identity's own fields get (id, display name, metadata), whether enrolled or imported; returns
+    the metadata as JSON text (None when none is given)."""
+    validate_identity_id(identity_id)
     if display_name is not None and (not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME):
         raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
     if display_name is not None and (problem := text_problem(display_name)):
         raise InvalidParameter(f"display_name holds {problem}")
-    metadata_json = None if metadata is None else metadata_text(metadata)
-    if sources is not None and len(sources) != len(vectors):
-        raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
-    return vectors, metadata_json
+    return None if metadata is None else metadata_text(metadata)
 
 
 def metadata_text(metadata: Any) -> str:
@@ -571,16 +711,23 @@ class Gallery(GalleryStore):
         row = self._row_of.get(identity_id)
         if row is None:
             row = len(self._row_ids)
-            if row >= len(self._sums):
-                capacity = 2 * len(self._sums)
-                for name in ("_sums", "_norms", "_counts"):
-                    old = getattr(self, name)
-                    grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
-                    grown[: len(old)] = old
-                    setattr(self, name, grown)
+            self._reserve(row + 1)
             self._row_of[identity_id] = row
             self._row_ids.append(identity_id)
         return row
+
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` template rows, doubling the capacity as often as needed."""
+        capacity = len(self._sums)
+        if rows <= capacity:
+            return
+        while capacity < rows:
+            capacity *= 2
+        for name in ("_sums", "_norms", "_counts"):
+            old = getattr(self, name)
+            grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
 
     def _set_template(self, identity_id: str, total: np.ndarray, count: int) -> None:
         """Make the identity's template the given sum of `count` faces; no faces removes it from search."""
@@ -676,6 +823,39 @@ class Gallery(GalleryStore):
                     display_name if display_name is not None else self._names.get(identity_id)
                 )
 
+    def _write_new_identities(self, enrolments: list[Enrolment]) -> int:
+        with self._lock:
+            # One process owns the file (module docstring), so the names it loaded are every identity there is.
+            new = [e for e in enrolments if e.identity_id not in self._names]
+            if not new:
+                return 0
+            with self._transaction() as db:
+                db.executemany(
+                    "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (?, ?, ?, ?)",
+                    [(e.identity_id, e.display_name, e.metadata_json or "{}", e.created_at) for e in new],
+                )
+                db.executemany(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [row for e in new for row in e.rows(self.model_sha256, lambda v: v.astype("<f4").tobytes())],
+                )
+            # Committed: the new identities' templates, appended in one go (none of them had a row).
+            vectors = np.concatenate([e.vectors for e in new]).astype(np.float64)
+            counts = np.array([len(e.vectors) for e in new], dtype=np.int64)
+            totals = np.add.reduceat(vectors, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
+            first, needed = len(self._row_ids), len(self._row_ids) + len(new)
+            self._reserve(needed)
+            self._sums[first:needed] = totals
+            self._counts[first:needed] = counts
+            stored = self._sums[first:needed].astype(np.float64)
+            self._norms[first:needed] = np.sqrt(np.einsum("ij,ij->i", stored, stored))
+            for row, e in enumerate(new, start=first):
+                self._row_of[e.identity_id] = row
+                self._names[e.identity_id] = e.display_name
+            self._row_ids.extend(e.identity_id for e in new)
+            self._faces += int(counts.sum())
+        return len(new)
+
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
         validate_identity_id(identity_id)
@@ -734,6 +914,20 @@ class Gallery(GalleryStore):
                 (self.model_sha256, self.model_sha256, limit, offset),
             ).fetchall()
         return [identity_from_row(row) for row in rows], total
+
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        with self._lock:
+            identities = self._db.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            ).fetchall()
+            if not identities:
+                return []
+            faces = self._db.execute(
+                "SELECT identity_id, embedding FROM faces WHERE identity_id BETWEEN ? AND ? AND model_sha256 = ? "
+                "ORDER BY identity_id, created_at, rowid",
+                (identities[0][0], identities[-1][0], self.model_sha256),
+            ).fetchall()
+        return exported(identities, faces, self.model_sha256, self.embedding_size)
 
     def get_identity(self, identity_id: str) -> Identity:
         validate_identity_id(identity_id)

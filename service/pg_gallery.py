@@ -52,7 +52,9 @@ from service.gallery import (
     GallerySetupError,
     GalleryStore,
     Identity,
+    ImportedIdentity,
     Match,
+    exported,
     face_missing,
     identity_from_row,
     identity_missing,
@@ -69,6 +71,9 @@ EF_SEARCH = 100
 COUNT_REUSE_S = 1.0  # how long count_faces / count_searchable_identities reuse a count (see _recent_count)
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search; past it, the exact fallback answers
 POOL_SIZE = 4
+# statement_timeout inside an import transaction (import_identities): a batch of thousands of identities is one
+# long statement, and FACE_GALLERY_TIMEOUT_S is sized for a request's.
+IMPORT_TIMEOUT_MS = 10 * 60 * 1000
 _SCHEMA_LOCK = 0x66616365  # "face": pg_advisory_xact_lock key held while the schema is created or checked
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -339,6 +344,66 @@ class PostgresGallery(GalleryStore):
             )
         self._forget_counts()
 
+    def _write_new_identities(self, enrolments: list[Enrolment]) -> int:
+        """COPY into temporary tables, then one INSERT ... ON CONFLICT DO NOTHING of the identities; only the faces
+        and templates of those it added follow. A replica enrolling one of these ids at the same moment either
+        commits first (the import skips the id) or waits for this transaction (and then adds to it)."""
+        counts = np.array([len(e.vectors) for e in enrolments])
+        totals = np.add.reduceat(
+            np.concatenate([e.vectors for e in enrolments]).astype(np.float64),
+            np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0,
+        ).astype(np.float32)
+        with self._connection() as conn, conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(IMPORT_TIMEOUT_MS)))
+            conn.execute(
+                'CREATE TEMP TABLE import_identities (id text COLLATE "C", display_name text, metadata text, '
+                "created_at double precision, total vector, faces integer) ON COMMIT DROP"
+            )
+            conn.execute(
+                'CREATE TEMP TABLE import_faces (ord bigint, face_id text, identity_id text COLLATE "C", '
+                "embedding vector, created_at double precision) ON COMMIT DROP"
+            )
+            conn.execute('CREATE TEMP TABLE import_added (id text COLLATE "C" PRIMARY KEY) ON COMMIT DROP')
+            with conn.cursor().copy(
+                "COPY import_identities (id, display_name, metadata, created_at, total, faces) FROM STDIN "
+                "WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["text", "text", "text", "float8", "vector", "int4"])
+                for e, total, k in zip(enrolments, totals, counts.tolist()):
+                    copy.write_row((e.identity_id, e.display_name, e.metadata_json or "{}", e.created_at, total, k))
+            with conn.cursor().copy(
+                "COPY import_faces (ord, face_id, identity_id, embedding, created_at) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["int8", "text", "text", "vector", "float8"])
+                order = 0
+                for e in enrolments:
+                    for face_id, vector in zip(e.face_ids, e.vectors):
+                        copy.write_row((order, face_id, e.identity_id, vector, e.created_at))
+                        order += 1
+            conn.execute(
+                "WITH added AS (INSERT INTO identities (id, display_name, metadata, created_at) "
+                "  SELECT id, display_name, metadata, created_at FROM import_identities "
+                "  ON CONFLICT (id) DO NOTHING RETURNING id) "
+                "INSERT INTO import_added SELECT id FROM added"
+            )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at) "
+                    "SELECT f.face_id, f.identity_id, {}, f.embedding, f.created_at FROM import_faces f "
+                    "JOIN import_added a ON a.id = f.identity_id ORDER BY f.ord"
+                ).format(self._model)
+            )
+            # New identities have no template row yet (it references the identity), so a plain INSERT.
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                    "SELECT i.id, {}, i.total, i.faces FROM import_identities i JOIN import_added a ON a.id = i.id"
+                ).format(self._model)
+            )
+            (added,) = conn.execute("SELECT count(*) FROM import_added").fetchone()
+        self._forget_counts()
+        return added
+
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
         validate_identity_id(identity_id)
@@ -387,6 +452,22 @@ class PostgresGallery(GalleryStore):
             (total,) = conn.execute("SELECT count(*) FROM identities").fetchone()
             rows = conn.execute(query, (limit, offset)).fetchall()
         return [identity_from_row(row) for row in rows], total
+
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        with self._connection() as conn, conn.transaction():  # one snapshot for the page and its faces
+            identities = conn.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE id > %s ORDER BY id LIMIT %s", (after, limit)
+            ).fetchall()
+            if not identities:
+                return []
+            faces = conn.execute(
+                sql.SQL(
+                    "SELECT identity_id, embedding FROM faces WHERE identity_id BETWEEN %s AND %s "
+                    "AND model_sha256 = {} ORDER BY identity_id, created_at, seq"
+                ).format(self._model),
+                (identities[0][0], identities[-1][0]),
+            ).fetchall()
+        return exported(identities, [(i, v.to_numpy()) for i, v in faces], self.model_sha256, self.embedding_size)
 
     def get_identity(self, identity_id: str) -> Identity:
         validate_identity_id(identity_id)
