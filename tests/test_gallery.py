@@ -552,3 +552,25 @@ def test_imports_grow_the_gallery_past_its_capacity(store: Store) -> None:
         if store.kind == "sqlite":  # exact search: equal to brute force (the HNSW index is approximate)
             for query, matches in zip(queries, g.search(queries, top_k=5)):
                 assert_same(matches, brute_force(enrolled, query, 5))
+
+
+def test_export_yields_every_identity_with_its_current_model_faces(store: Store) -> None:
+    rng = np.random.default_rng(23)
+    with store.open(OTHER_MODEL) as old:
+        old.enroll("alice", unit(rng.normal(size=(1, D))))
+        old.enroll("old-only", unit(rng.normal(size=(2, D))))
+    with store.open() as g:
+        alice, bob = unit(rng.normal(size=(2, D))), unit(rng.normal(size=(3, D)))
+        g.enroll("alice", alice, display_name="Alice", metadata={"k": [1, 2]})
+        g.enroll("bob", bob[:1])
+        g.enroll("bob", bob[1:], display_name="Bob")
+        g.import_identities([ImportedIdentity("carol", alice[:1], MODEL, None, {"x": "y"})])
+        for page in (1, 2, 1000):
+            exported = list(g.export_identities(page=page))
+            assert [(e.identity_id, e.display_name, e.metadata, e.model_sha256) for e in exported] == [
+                ("alice", "Alice", {"k": [1, 2]}, MODEL), ("bob", "Bob", {}, MODEL), ("carol", None, {"x": "y"}, MODEL),
+                ("old-only", None, {}, MODEL),
+            ]
+            for e, faces in zip(exported, [alice, bob, alice[:1], np.zeros((0, D))]):
+                assert e.embeddings.dtype == np.float32 and e.embeddings.shape == faces.shape
+                np.testing.assert_allclose(e.embeddings, faces, atol=1e-7)  # enrolment order, as stored
