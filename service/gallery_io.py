@@ -65,8 +65,9 @@ class BadInput(Exception):
 # -- reading ----------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> Iterator[tuple[str, int, ImportedIdentity]]:
-    """(where, bytes read so far, identity) per line of JSON Lines; BadInput for a line that is not one identity."""
+def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> Iterator[tuple[int, int, ImportedIdentity]]:
+    """(line number, bytes read so far, identity) per line of JSON Lines; BadInput for a line that is not one
+    identity (`name`: the input's name in its message)."""
     position = 0
     for number, line in enumerate(stream, start=1):
         position += len(line)
@@ -93,7 +94,7 @@ def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> It
             vectors = np.stack([parse_embedding(e, size, f"embeddings[{j}]") for j, e in enumerate(embeddings)])
         except FaceServiceError as exc:
             raise BadInput(where, exc.message) from None
-        yield where, position, ImportedIdentity(
+        yield number, position, ImportedIdentity(
             identity_id=item["identity_id"],
             embeddings=vectors,
             model_sha256=model_sha256,
@@ -104,9 +105,9 @@ def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> It
 
 def read_npy(
     matrix_path: Path, ids_path: Path, model_sha256: str, block: int = BATCH_SIZE
-) -> tuple[int, Iterator[tuple[str, int, ImportedIdentity]]]:
-    """(number of rows, iterator of (where, rows done, identity)) for a .npy matrix and its ids file. An id on
-    several lines is one identity with several faces (in line order), yielded where its first line is."""
+) -> tuple[int, Iterator[tuple[int, int, ImportedIdentity]]]:
+    """(number of rows, iterator of (line of the ids file, rows done, identity)) for a .npy matrix and its ids
+    file. An id on several lines is one identity with several faces (in line order), at its first line."""
     try:
         matrix = np.load(matrix_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -128,7 +129,7 @@ def read_npy(
     sizes = np.bincount(group, minlength=len(names))
     ends = np.cumsum(sizes)
 
-    def identities() -> Iterator[tuple[str, int, ImportedIdentity]]:
+    def identities() -> Iterator[tuple[int, int, ImportedIdentity]]:
         for first in range(0, len(names), block):
             last = min(first + block, len(names))
             start, end = int(ends[first] - sizes[first]), int(ends[last - 1])
@@ -141,8 +142,8 @@ def read_npy(
             offset = 0
             for g in range(first, last):
                 k = int(sizes[g])
-                yield f"{ids_path}:{int(rows[offset]) + 1}", start + offset + k, ImportedIdentity(
-                    identity_id=names[g], embeddings=vectors[offset:offset + k], model_sha256=model_sha256
+                yield int(rows[offset]) + 1, start + offset + k, ImportedIdentity(
+                    names[g], vectors[offset:offset + k], model_sha256
                 )
                 offset += k
 
@@ -159,19 +160,21 @@ def mismatch(theirs: Any, ours: str) -> str:
 
 def import_identities(
     gallery: GalleryStore,
-    items: Iterator[tuple[str, int, ImportedIdentity]],
+    items: Iterator[tuple[int, int, ImportedIdentity]],
+    source: str,
     *,
     batch_size: int = BATCH_SIZE,
     progress: Progress | None = None,
     unique: bool = False,
 ) -> dict[str, int]:
-    """Feed `items` to the gallery a batch at a time; counts of identities read, added, skipped (held already).
-    BadInput for the first bad item (found while reading, or by the gallery's checks): its batch is not written.
+    """Feed `items` (line number, progress, identity) to the gallery a batch at a time; counts of identities read,
+    added, skipped (held already). BadInput for the first bad item (found while reading, or by the gallery's
+    checks), named `source`:line: its batch is not written.
     unique: the items' ids are known to be distinct (not checked again here)."""
     counts = {"read": 0, "added": 0, "skipped": 0, "faces": 0}
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}
     batch: list[ImportedIdentity] = []
-    wheres: list[str] = []
+    lines: list[int] = []
     position = 0
 
     def flush() -> None:
@@ -179,21 +182,21 @@ def import_identities(
             added = gallery.import_identities(batch)
         except FaceServiceError as exc:
             index = exc.details.get("index")
-            raise BadInput(wheres[index] if isinstance(index, int) else "batch", exc.message) from None
+            raise BadInput(f"{source}:{lines[index]}" if isinstance(index, int) else source, exc.message) from None
         counts["added"] += added
         counts["skipped"] += len(batch) - added
         if progress:
             progress.update(position, counts)
         batch.clear()
-        wheres.clear()
+        lines.clear()
 
-    for where, position, identity in items:
+    for line, position, identity in items:
         if not unique and isinstance(identity.identity_id, str):
             if (earlier := seen.get(identity.identity_id)) is not None:
-                raise BadInput(where, f"identity {identity.identity_id!r} is already on {earlier}")
-            seen[identity.identity_id] = where
+                raise BadInput(f"{source}:{line}", f"identity {identity.identity_id!r} is already on line {earlier}")
+            seen[identity.identity_id] = line
         batch.append(identity)
-        wheres.append(where)
+        lines.append(line)
         counts["read"] += 1
         counts["faces"] += len(identity.embeddings)
         if len(batch) >= batch_size:
@@ -286,15 +289,17 @@ def run_import(args: argparse.Namespace, gallery: GalleryStore) -> int:
             raise BadInput("--model-sha256", mismatch(args.model_sha256, gallery.model_sha256))
         total, items = read_npy(args.file, args.ids, args.model_sha256)
         progress = Progress(total, "faces")
-        counts = import_identities(gallery, items, batch_size=args.batch_size, progress=progress, unique=True)
+        counts = import_identities(gallery, items, str(args.ids), batch_size=args.batch_size, progress=progress,
+                                   unique=True)
     else:
         stdin = str(args.file) == "-"
         stream = sys.stdin.buffer if stdin else args.file.open("rb")
         try:
             total = 0 if stdin else os.fstat(stream.fileno()).st_size
             progress = Progress(total, "B")
-            items = read_jsonl(stream, gallery.model_sha256, gallery.embedding_size, "stdin" if stdin else str(args.file))
-            counts = import_identities(gallery, items, batch_size=args.batch_size, progress=progress)
+            name = "stdin" if stdin else str(args.file)
+            items = read_jsonl(stream, gallery.model_sha256, gallery.embedding_size, name)
+            counts = import_identities(gallery, items, name, batch_size=args.batch_size, progress=progress)
         finally:
             if not stdin:
                 stream.close()

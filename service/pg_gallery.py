@@ -31,6 +31,7 @@ in `facerec_schema`. A database whose schema is newer than this code refuses the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -48,6 +49,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from service.errors import Unavailable
 from service.gallery import (
+    CheckedImport,
     Enrolment,
     GallerySetupError,
     GalleryStore,
@@ -344,54 +346,50 @@ class PostgresGallery(GalleryStore):
             )
         self._forget_counts()
 
-    def _write_new_identities(self, enrolments: list[Enrolment]) -> int:
+    def _write_new_identities(self, batch: CheckedImport) -> int:
         """COPY into temporary tables, then one INSERT ... ON CONFLICT DO NOTHING of the identities; only the faces
         and templates of those it added follow. A replica enrolling one of these ids at the same moment either
         commits first (the import skips the id) or waits for this transaction (and then adds to it)."""
-        counts = np.array([len(e.vectors) for e in enrolments])
-        totals = np.add.reduceat(
-            np.concatenate([e.vectors for e in enrolments]).astype(np.float64),
-            np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0,
-        ).astype(np.float32)
+        totals = batch.template_sums().astype(np.float32)
+        now = batch.created_at
         with self._connection() as conn, conn.transaction():
             conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(IMPORT_TIMEOUT_MS)))
             conn.execute(
                 'CREATE TEMP TABLE import_identities (id text COLLATE "C", display_name text, metadata text, '
-                "created_at double precision, total vector, faces integer) ON COMMIT DROP"
+                "total vector, faces integer) ON COMMIT DROP"
             )
             conn.execute(
                 'CREATE TEMP TABLE import_faces (ord bigint, face_id text, identity_id text COLLATE "C", '
-                "embedding vector, created_at double precision) ON COMMIT DROP"
+                "embedding vector) ON COMMIT DROP"
             )
             conn.execute('CREATE TEMP TABLE import_added (id text COLLATE "C" PRIMARY KEY) ON COMMIT DROP')
             with conn.cursor().copy(
-                "COPY import_identities (id, display_name, metadata, created_at, total, faces) FROM STDIN "
-                "WITH (FORMAT BINARY)"
+                "COPY import_identities (id, display_name, metadata, total, faces) FROM STDIN WITH (FORMAT BINARY)"
             ) as copy:
-                copy.set_types(["text", "text", "text", "float8", "vector", "int4"])
-                for e, total, k in zip(enrolments, totals, counts.tolist()):
-                    copy.write_row((e.identity_id, e.display_name, e.metadata_json or "{}", e.created_at, total, k))
+                copy.set_types(["text", "text", "text", "vector", "int4"])
+                for row in zip(batch.identity_ids, batch.display_names, batch.metadata_json, totals,
+                               batch.counts.tolist()):
+                    copy.write_row(row)
             with conn.cursor().copy(
-                "COPY import_faces (ord, face_id, identity_id, embedding, created_at) FROM STDIN WITH (FORMAT BINARY)"
+                "COPY import_faces (ord, face_id, identity_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
             ) as copy:
-                copy.set_types(["int8", "text", "text", "vector", "float8"])
-                order = 0
-                for e in enrolments:
-                    for face_id, vector in zip(e.face_ids, e.vectors):
-                        copy.write_row((order, face_id, e.identity_id, vector, e.created_at))
-                        order += 1
+                copy.set_types(["int8", "text", "text", "vector"])
+                for row in zip(itertools.count(), batch.face_ids, batch.face_owners(), batch.vectors):
+                    copy.write_row(row)
             conn.execute(
                 "WITH added AS (INSERT INTO identities (id, display_name, metadata, created_at) "
-                "  SELECT id, display_name, metadata, created_at FROM import_identities "
+                "  SELECT id, display_name, metadata, %s FROM import_identities "
                 "  ON CONFLICT (id) DO NOTHING RETURNING id) "
-                "INSERT INTO import_added SELECT id FROM added"
+                "INSERT INTO import_added SELECT id FROM added",
+                (now,),
             )
             conn.execute(
                 sql.SQL(
                     "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at) "
-                    "SELECT f.face_id, f.identity_id, {}, f.embedding, f.created_at FROM import_faces f "
+                    "SELECT f.face_id, f.identity_id, {}, f.embedding, %s FROM import_faces f "
                     "JOIN import_added a ON a.id = f.identity_id ORDER BY f.ord"
-                ).format(self._model)
+                ).format(self._model),
+                (now,),
             )
             # New identities have no template row yet (it references the identity), so a plain INSERT.
             conn.execute(
