@@ -12,9 +12,10 @@ The format, JSON Lines (one identity a line; blank lines are skipped):
      "embeddings": ["<base64 of D little-endian float32>", [0.01, -0.2, ...], ...]}
 
 display_name and metadata are optional; each embedding is a JSON list of numbers or base64 of float32 (what
-`/embed` returns), L2-normalised (service.vectors.parse_embedding checks it). Or a `.npy` matrix (N, D) with
-`--ids FILE` (one identity id a line, row i's id on line i; an id on several lines gives that identity several
-faces) and `--model-sha256`.
+`/embed` returns), L2-normalised (service.vectors.parse_embedding checks it); FILE `-` reads standard input. Or a
+`.npy` matrix (N, D) with `--ids FILE` (one identity id a line, row i's id on line i; an id on several lines gives
+that identity several faces) and `--model-sha256`. The model id must be the configured embedder's, or one of the
+ids the same network had in older releases (the gallery re-tags those as well).
 
 Import. Identities are written `--batch-size` at a time (default 10,000), each batch one transaction
 (`GalleryStore.import_identities`), committed durably before the next is read. Identities the gallery already
@@ -28,9 +29,11 @@ next start). A PostgreSQL gallery can take an import while replicas serve.
 
 Export writes the same JSON Lines (base64 embeddings, the current model's faces only; it says how many faces of
 other models, and identities without a face of this model, it left out), to FILE.partial first and renamed to
-FILE once complete, so a file named FILE is always a whole export.
+FILE once complete, so a file named FILE is always a whole export (`-`: standard output). Face ids, creation
+times and face sources are not part of the format (`service.gallery_copy` copies those, SQLite to PostgreSQL).
 
-Exit codes: 0 done; 2 a bad line, bad arguments, or an unusable gallery or model.
+Exit codes: 0 done; 2 a bad line, bad arguments, or an unusable gallery or model; 130 interrupted (Ctrl-C: the
+batch being written is rolled back, those before it stay).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,9 +68,12 @@ class BadInput(Exception):
 # -- reading ----------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> Iterator[tuple[int, int, ImportedIdentity]]:
+def read_jsonl(
+    stream: IO[bytes], model_sha256: str, size: int, name: str, earlier_ids: Collection[str] = ()
+) -> Iterator[tuple[int, int, ImportedIdentity]]:
     """(line number, bytes read so far, identity) per line of JSON Lines; BadInput for a line that is not one
-    identity (`name`: the input's name in its message)."""
+    identity (`name`: the input's name in its message). Embeddings tagged with one of `earlier_ids` (the same
+    network's ids in older releases, which the gallery re-tags too) are taken as `model_sha256`'s."""
     position = 0
     for number, line in enumerate(stream, start=1):
         position += len(line)
@@ -85,7 +91,7 @@ def read_jsonl(stream: IO[bytes], model_sha256: str, size: int, name: str) -> It
         for field in ("identity_id", "model_sha256", "embeddings"):
             if field not in item:
                 raise BadInput(where, f"no {field!r}")
-        if item["model_sha256"] != model_sha256:
+        if item["model_sha256"] != model_sha256 and item["model_sha256"] not in earlier_ids:
             raise BadInput(where, mismatch(item["model_sha256"], model_sha256))
         embeddings = item["embeddings"]
         if not isinstance(embeddings, list) or not embeddings:
@@ -229,8 +235,8 @@ def export_identities(gallery: GalleryStore, stream: IO[str]) -> dict[str, int]:
 class Progress:
     """A tqdm bar on a terminal (when tqdm is installed), else a line on stderr every `every_s` seconds."""
 
-    def __init__(self, total: int, unit: str, every_s: float = 10.0):
-        self.total, self.unit, self.every_s = total, unit, every_s
+    def __init__(self, total: int | None, unit: str, every_s: float = 10.0):
+        self.total, self.unit, self.every_s = total, unit, every_s  # total None: not known (a pipe)
         self.started = self.last = time.monotonic()
         self.done = 0
         self.bar = None
@@ -263,8 +269,9 @@ class Progress:
 # -- the command ------------------------------------------------------------------------------------------------
 
 
-def open_configured_gallery() -> GalleryStore:
-    """The gallery and embedder model the server's settings (environment) name, opened as the server opens them."""
+def open_configured_gallery() -> tuple[GalleryStore, list[str]]:
+    """The gallery the server's settings (environment) name, opened as the server opens it for its embedder, and
+    that embedder's earlier ids."""
     from pydantic import ValidationError
 
     from service.embedder import Embedder
@@ -276,18 +283,19 @@ def open_configured_gallery() -> GalleryStore:
     except ValidationError as exc:
         raise GallerySetupError(f"bad settings: {exc}") from None
     embedder = Embedder(settings.embedder_path, session_options(1, 1))
-    return open_gallery(settings.gallery_url, embedder.model_id, embedder.embedding_size,
-                        timeout_s=settings.gallery_timeout_s, earlier_ids=embedder.earlier_ids)
+    gallery = open_gallery(settings.gallery_url, embedder.model_id, embedder.embedding_size,
+                           timeout_s=settings.gallery_timeout_s, earlier_ids=embedder.earlier_ids)
+    return gallery, embedder.earlier_ids
 
 
-def run_import(args: argparse.Namespace, gallery: GalleryStore) -> int:
+def run_import(args: argparse.Namespace, gallery: GalleryStore, earlier_ids: Collection[str] = ()) -> int:
     started = time.perf_counter()
     if args.ids is not None or args.file.suffix == ".npy":
         if args.ids is None or args.model_sha256 is None:
             raise BadInput(str(args.file), "a .npy matrix needs --ids FILE and --model-sha256")
-        if args.model_sha256 != gallery.model_sha256:
+        if args.model_sha256 != gallery.model_sha256 and args.model_sha256 not in earlier_ids:
             raise BadInput("--model-sha256", mismatch(args.model_sha256, gallery.model_sha256))
-        total, items = read_npy(args.file, args.ids, args.model_sha256)
+        total, items = read_npy(args.file, args.ids, gallery.model_sha256)
         progress = Progress(total, "faces")
         counts = import_identities(gallery, items, str(args.ids), batch_size=args.batch_size, progress=progress,
                                    unique=True)
@@ -296,9 +304,9 @@ def run_import(args: argparse.Namespace, gallery: GalleryStore) -> int:
         stream = sys.stdin.buffer if stdin else args.file.open("rb")
         try:
             total = 0 if stdin else os.fstat(stream.fileno()).st_size
-            progress = Progress(total, "B")
+            progress = Progress(total or None, "B")
             name = "stdin" if stdin else str(args.file)
-            items = read_jsonl(stream, gallery.model_sha256, gallery.embedding_size, name)
+            items = read_jsonl(stream, gallery.model_sha256, gallery.embedding_size, name, earlier_ids)
             counts = import_identities(gallery, items, name, batch_size=args.batch_size, progress=progress)
         finally:
             if not stdin:
@@ -314,12 +322,16 @@ def run_import(args: argparse.Namespace, gallery: GalleryStore) -> int:
 
 def run_export(args: argparse.Namespace, gallery: GalleryStore) -> int:
     started = time.perf_counter()
-    partial = args.file.with_name(args.file.name + ".partial")
-    with partial.open("w", encoding="utf-8") as stream:
-        counts = export_identities(gallery, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    partial.replace(args.file)
+    if str(args.file) == "-":
+        counts = export_identities(gallery, sys.stdout)
+        sys.stdout.flush()
+    else:
+        partial = args.file.with_name(args.file.name + ".partial")
+        with partial.open("w", encoding="utf-8") as stream:
+            counts = export_identities(gallery, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        partial.replace(args.file)
     print(f"exported {counts['identities']:,} identities with {counts['faces']:,} faces of model "
           f"{gallery.model_sha256[:12]} to {args.file} in {time.perf_counter() - started:.1f} s; left out "
           f"{counts['foreign_faces']:,} faces of other models and {counts['without_faces']:,} identities with no "
@@ -340,17 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--model-sha256", help="with a .npy matrix: the model id that made its embeddings")
     load.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="identities per transaction")
     save = commands.add_parser("export", help="write every identity's current-model embeddings as JSON Lines")
-    save.add_argument("file", type=Path)
+    save.add_argument("file", type=Path, help="JSON Lines file to write ('-': standard output)")
     args = parser.parse_args(argv)
     if args.command == "import" and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     try:
-        gallery = open_configured_gallery()
+        gallery, earlier_ids = open_configured_gallery()
     except (GallerySetupError, FaceServiceError, ValueError, OSError) as exc:
         print(f"gallery {args.command} failed: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_import(args, gallery) if args.command == "import" else run_export(args, gallery)
+        return run_import(args, gallery, earlier_ids) if args.command == "import" else run_export(args, gallery)
     except BadInput as exc:
         print(f"import stopped at {exc}; nothing of its batch was written (identities before that batch are in: run "
               "the same command again once the input is fixed, it skips them)", file=sys.stderr)
@@ -358,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, FaceServiceError) as exc:  # an unreadable file, a database gone (Unavailable)
         print(f"gallery {args.command} failed: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the batch being written was rolled back; those before it are in
+        print(f"gallery {args.command} interrupted" + ("; run the same command again to finish the import (it "
+              "skips the identities already written)" if args.command == "import" else ""), file=sys.stderr)
+        return 130
     finally:
         gallery.close()
 

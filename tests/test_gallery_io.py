@@ -119,6 +119,8 @@ def test_import_then_export_reproduces_the_gallery(kind, model, configured, tmp_
     assert [line["identity_id"] for line in lines] == [item["identity_id"] for item in items]  # in id order
     assert all(isinstance(e, str) for line in lines for e in line["embeddings"])  # base64
     assert not (tmp_path / "out.jsonl.partial").exists()
+    assert main(["export", "-"]) == 0  # to standard output: the same lines
+    assert capsys.readouterr().out == (tmp_path / "out.jsonl").read_text()
 
     configured(second)  # the export, imported elsewhere: the same identities, names, metadata, embeddings
     assert main(["import", str(tmp_path / "out.jsonl")]) == 0
@@ -256,3 +258,15 @@ def test_an_unusable_configuration_exits_2(models_dir, tmp_path) -> None:
     child = command("export", str(tmp_path / "out.jsonl"), url="mysql://nope", models_dir=models_dir)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 2 and "FACE_GALLERY_URL" in err, err
+
+
+def test_embeddings_tagged_with_an_earlier_id_of_the_same_network_are_taken(models_dir, model, configured, tmp_path,
+                                                                            capsys) -> None:
+    # Older releases tagged faces with the embedder file's sha256; an export made then carries that id.
+    embedder = Embedder(models_dir / "mobilefacenet_192.onnx")
+    assert embedder.sha256 in embedder.earlier_ids
+    items = people(5, embedder.sha256, model[1], seed=5)
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    configured(url)
+    assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items))]) == 0
+    assert_holds(url, model, items)  # stored as the current model's faces
