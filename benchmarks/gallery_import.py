@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -118,6 +119,8 @@ def run(n: int, formats: list[str], batch_size: int, baseline: int, postgres: in
 
 
 def run_postgres(n: int, folder: Path, batch_size: int) -> list[dict]:
+    """The .npy import of the first n identities into PostgreSQL, twice: each template inserted into the HNSW index
+    as it comes, and with the index deferred (`--defer-index`: dropped, then built once; the build is timed too)."""
     import pgserver
     import psycopg
 
@@ -126,19 +129,27 @@ def run_postgres(n: int, folder: Path, batch_size: int) -> list[dict]:
     server_dir = Path(tempfile.mkdtemp(prefix="facerec-bench-pg-"))
     server = pgserver.get_server(str(server_dir), cleanup_mode="stop")
     try:
-        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE bench_import")
         subset = folder / "pg"
         subset.mkdir(exist_ok=True)
         np.save(subset / "faces.npy", np.load(folder / "faces.npy", mmap_mode="r")[:n])
         (subset / "ids.txt").write_text("".join(f"person-{i:07d}\n" for i in range(n)))
-        with PostgresGallery(server.get_uri("bench_import"), MODEL, D) as gallery:
-            counts, elapsed, cpu = timed_import(gallery, subset, "npy", batch_size)
+        rows = []
+        for deferred in (False, True):
+            name = f"bench_import_{int(deferred)}"
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {name}")
+            with PostgresGallery(server.get_uri(name), MODEL, D) as gallery:
+                started = time.perf_counter()
+                with gallery.search_index_deferred() if deferred else contextlib.nullcontext():
+                    counts, _, cpu = timed_import(gallery, subset, "npy", batch_size)
+                elapsed = time.perf_counter() - started
             assert counts["added"] == n, counts
-        print(f"  PostgreSQL, npy: {n:,} identities in {elapsed:.1f} s = {n / elapsed:,.0f} identities/s (client CPU "
-              f"{cpu:.1f} s; the server's own is not counted)", flush=True)
-        return [{"store": "PostgreSQL", "what": "import npy", "identities": n, "s": elapsed, "cpu_s": cpu,
-                 "load": load_average()}]
+            what = "import npy, --defer-index (index built at the end)" if deferred else "import npy"
+            print(f"  PostgreSQL, {what}: {n:,} identities in {elapsed:.1f} s = {n / elapsed:,.0f} identities/s "
+                  f"(client CPU {cpu:.1f} s; the server's is not counted)", flush=True)
+            rows.append({"store": "PostgreSQL", "what": what, "identities": n, "s": elapsed, "cpu_s": cpu,
+                         "load": load_average()})
+        return rows
     finally:
         server.cleanup()
         shutil.rmtree(server_dir, ignore_errors=True)

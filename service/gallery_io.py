@@ -39,6 +39,7 @@ batch being written is rolled back, those before it stay).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -290,6 +291,20 @@ def open_configured_gallery() -> tuple[GalleryStore, list[str]]:
 
 def run_import(args: argparse.Namespace, gallery: GalleryStore, earlier_ids: Collection[str] = ()) -> int:
     started = time.perf_counter()
+    deferred = getattr(gallery, "search_index_deferred", None)  # PostgreSQL's
+    if args.defer_index and deferred is None:
+        raise BadInput("--defer-index", "only a PostgreSQL gallery has an index to defer")
+    with deferred() if args.defer_index else contextlib.nullcontext():
+        counts = read_and_import(args, gallery, earlier_ids)
+    elapsed = time.perf_counter() - started
+    print(f"imported {args.file}: {counts['read']:,} identities ({counts['faces']:,} faces) read in {elapsed:.1f} s "
+          f"({counts['read'] / max(elapsed, 1e-9):,.0f} identities/s); {counts['added']:,} added, "
+          f"{counts['skipped']:,} already in the gallery and left as they were; model {gallery.model_sha256[:12]}",
+          file=sys.stderr)
+    return 0
+
+
+def read_and_import(args: argparse.Namespace, gallery: GalleryStore, earlier_ids: Collection[str]) -> dict[str, int]:
     if args.ids is not None or args.file.suffix == ".npy":
         if args.ids is None or args.model_sha256 is None:
             raise BadInput(str(args.file), "a .npy matrix needs --ids FILE and --model-sha256")
@@ -312,12 +327,7 @@ def run_import(args: argparse.Namespace, gallery: GalleryStore, earlier_ids: Col
             if not stdin:
                 stream.close()
     progress.close()
-    elapsed = time.perf_counter() - started
-    print(f"imported {args.file}: {counts['read']:,} identities ({counts['faces']:,} faces) read in {elapsed:.1f} s "
-          f"({counts['read'] / max(elapsed, 1e-9):,.0f} identities/s); {counts['added']:,} added, "
-          f"{counts['skipped']:,} already in the gallery and left as they were; model {gallery.model_sha256[:12]}",
-          file=sys.stderr)
-    return 0
+    return counts
 
 
 def run_export(args: argparse.Namespace, gallery: GalleryStore) -> int:
@@ -351,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--ids", type=Path, help="with a .npy matrix: one identity id a line, one line per row")
     load.add_argument("--model-sha256", help="with a .npy matrix: the model id that made its embeddings")
     load.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="identities per transaction")
+    load.add_argument("--defer-index", action="store_true",
+                      help="PostgreSQL: drop the model's HNSW index during the import and build it once at the end "
+                      "(about ten times faster for large imports; meanwhile searches scan every template)")
     save = commands.add_parser("export", help="write every identity's current-model embeddings as JSON Lines")
     save.add_argument("file", type=Path, help="JSON Lines file to write ('-': standard output)")
     args = parser.parse_args(argv)

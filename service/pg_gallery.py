@@ -266,6 +266,32 @@ class PostgresGallery(GalleryStore):
             raise GallerySetupError(f"FACE_GALLERY_URL: cannot connect to {redact(url)}: {exc}") from None
         log.info("gallery: PostgreSQL %s, model %s, ef_search %d", redact(url), model_sha256[:12], ef_search)
 
+    @contextmanager
+    def search_index_deferred(self) -> Iterator[None]:
+        """For a large import: this model's HNSW index is dropped on entry and built again on exit, however the
+        block ends. Inserting rows into the index one by one is what bounds an import (about 130 identities/s
+        measured on a busy 2-core machine; without the index, with one build at the end, about ten times that; see
+        BENCHMARKS.md). Searches stay right while it is missing: they scan every template (exact, and slower at
+        scale). Should the build never happen (the process killed), every replica's start creates the index."""
+        self._index_ddl("DROP INDEX IF EXISTS {}", sql.Identifier(_index_name(self.model_sha256)))
+        try:
+            yield
+        finally:
+            log.info("gallery: building the HNSW index of model %s", self.model_sha256[:12])
+            self._index_ddl(None)
+
+    def _index_ddl(self, statement: str | None, *args: sql.Composable) -> None:
+        """Run index DDL on a connection of its own, without the pool's statement timeout (an index build takes
+        minutes at a million templates). None: create this model's index."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, **_connection_options(self.url, self.timeout_s)) as conn:
+                if statement is None:
+                    create_model_index(conn, self.model_sha256, self.embedding_size)
+                else:
+                    conn.execute(sql.SQL(statement).format(*args))
+        except _TRANSIENT as exc:
+            raise Unavailable(f"the gallery database is unavailable: {exc}", details={"retry": True}) from exc
+
     def _retag(self, earlier_ids: Sequence[str]) -> None:
         """Faces the same network's earlier ids tagged (older releases keyed them by the whole file's sha256)
         become this model's, their identities' templates rebuilt; one transaction, before serving."""

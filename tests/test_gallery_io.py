@@ -270,3 +270,34 @@ def test_embeddings_tagged_with_an_earlier_id_of_the_same_network_are_taken(mode
     configured(url)
     assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items))]) == 0
     assert_holds(url, model, items)  # stored as the current model's faces
+
+
+def test_defer_index_rebuilds_the_postgresql_index_however_the_import_ends(model, configured, database, tmp_path,
+                                                                           capsys) -> None:
+    import psycopg
+
+    from service.pg_gallery import _index_name
+
+    def index_exists() -> bool:
+        with psycopg.connect(database) as conn:
+            return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_index_name(model[0]),)).fetchone()[0]
+
+    items = people(30, model[0], model[1], seed=6)
+    configured(database)
+    assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items)), "--defer-index", "--batch-size", "8"]) == 0
+    assert index_exists()
+    assert_holds(database, model, items)
+    with open_gallery(database, model[0], model[1]) as g:  # the rebuilt index answers
+        first = vectors(items[0], model[1])[0]
+        assert g.search(first, top_k=1)[0][0].identity_id == items[0]["identity_id"]
+
+    more = people(40, model[0], model[1], seed=7)[30:]
+    more[5]["identity_id"] = "bad id"
+    assert main(["import", str(write_jsonl(tmp_path / "more.jsonl", more)), "--defer-index", "--batch-size", "4"]) == 2
+    assert "more.jsonl:6:" in capsys.readouterr().err
+    assert index_exists()  # built again although the import stopped
+    assert_holds(database, model, items + more[:4])
+
+    configured(f"sqlite:///{tmp_path / 'g.db'}")
+    assert main(["import", str(tmp_path / "in.jsonl"), "--defer-index"]) == 2
+    assert "only a PostgreSQL gallery" in capsys.readouterr().err
