@@ -26,6 +26,11 @@ moves the last row into its slot (O(D), not O(N)); deleting a face rebuilds its 
 faces. One lock serialises mutations and searches, which keeps row indices consistent; the matrix product itself
 runs multi-threaded in BLAS. The face rows stay in SQLite only: memory is one row per identity.
 
+Bulk import. `import_identities` (used by `python -m service.gallery_io`) writes a batch of identities that do not
+exist yet in one transaction, as durable as an enrolment, and skips those that do, so an interrupted import is
+finished by running it again. A batch is checked and written column by column (`CheckedImport`): per-identity
+Python objects and numpy calls would cost more than SQLite's own work, which is what bounds the rate (BENCHMARKS.md).
+
 One process owns a gallery file: two server processes on one file would each keep their own matrix and
 miss the other's enrolments (run uvicorn with one worker; scale inference with ORT threads instead). Several
 replicas share a PostgreSQL gallery instead (service/pg_gallery.py, FACE_GALLERY_URL=postgresql://...): both
