@@ -111,7 +111,7 @@ def read_jsonl(
 
 
 def read_npy(
-    matrix_path: Path, ids_path: Path, model_sha256: str, block: int = BATCH_SIZE
+    matrix_path: Path, ids_path: Path, model_sha256: str, size: int | None = None, block: int = BATCH_SIZE
 ) -> tuple[int, Iterator[tuple[int, int, ImportedIdentity]]]:
     """(number of rows, iterator of (line of the ids file, rows done, identity)) for a .npy matrix and its ids
     file. An id on several lines is one identity with several faces (in line order), at its first line."""
@@ -121,7 +121,12 @@ def read_npy(
         raise BadInput(str(matrix_path), f"not a .npy matrix ({exc})") from None
     if matrix.ndim != 2 or matrix.dtype.kind != "f":
         raise BadInput(str(matrix_path), f"must be a 2-D float matrix (N, D), got {matrix.dtype} {matrix.shape}")
-    text = ids_path.read_text(encoding="utf-8")
+    if size is not None and matrix.shape[1] != size:
+        raise BadInput(str(matrix_path), f"rows of {matrix.shape[1]} values; this model's embeddings have {size}")
+    try:
+        text = ids_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(str(ids_path), f"not UTF-8 text ({exc})") from None
     ids = [line.removesuffix("\r") for line in text.split("\n")]
     if text.endswith("\n"):
         ids.pop()
@@ -310,7 +315,7 @@ def read_and_import(args: argparse.Namespace, gallery: GalleryStore, earlier_ids
             raise BadInput(str(args.file), "a .npy matrix needs --ids FILE and --model-sha256")
         if args.model_sha256 != gallery.model_sha256 and args.model_sha256 not in earlier_ids:
             raise BadInput("--model-sha256", mismatch(args.model_sha256, gallery.model_sha256))
-        total, items = read_npy(args.file, args.ids, gallery.model_sha256)
+        total, items = read_npy(args.file, args.ids, gallery.model_sha256, gallery.embedding_size)
         progress = Progress(total, "faces")
         counts = import_identities(gallery, items, str(args.ids), batch_size=args.batch_size, progress=progress,
                                    unique=True)

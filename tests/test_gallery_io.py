@@ -244,6 +244,9 @@ def test_npy_with_an_ids_file(model, configured, tmp_path, capsys) -> None:
     (tmp_path / "ids.txt").write_text("\n".join(ids[:-1]) + "\n")
     assert main([*args, "--model-sha256", model_sha256]) == 2
     assert "6 ids for the 7 rows" in capsys.readouterr().err
+    np.save(tmp_path / "faces.npy", matrix[:, :100])
+    assert main([*args, "--model-sha256", model_sha256]) == 2
+    assert f"rows of 100 values; this model's embeddings have {size}" in capsys.readouterr().err
     np.save(tmp_path / "faces.npy", 2 * matrix)
     (tmp_path / "ids.txt").write_text("\n".join(f"new-{i}" for i in range(7)) + "\n")
     assert main([*args, "--model-sha256", model_sha256]) == 2
