@@ -25,7 +25,9 @@ request (ids, display name, metadata, the embeddings' size, finiteness and lengt
 are refused, since the gallery never compares across models. The first bad line stops the import with exit code
 2, its line number in the message, and nothing of its batch written (batches before it are in). A SQLite gallery
 is owned by one process: stop the server while importing into it (it would not see the new identities until its
-next start). A PostgreSQL gallery can take an import while replicas serve.
+next start). A PostgreSQL gallery can take an import while replicas serve; there the HNSW index's inserts bound the
+rate, and `--defer-index` drops the model's index for the import and builds it once at the end (ten times faster
+in BENCHMARKS.md; meanwhile searches scan every template, exact but slower).
 
 Export writes the same JSON Lines (base64 embeddings, the current model's faces only; it says how many faces of
 other models, and identities without a face of this model, it left out), to FILE.partial first and renamed to

@@ -304,3 +304,14 @@ def test_defer_index_rebuilds_the_postgresql_index_however_the_import_ends(model
     configured(f"sqlite:///{tmp_path / 'g.db'}")
     assert main(["import", str(tmp_path / "in.jsonl"), "--defer-index"]) == 2
     assert "only a PostgreSQL gallery" in capsys.readouterr().err
+
+
+def test_progress_lines_for_logs(capsys) -> None:
+    from service.gallery_io import Progress
+
+    progress = Progress(1000, "B", every_s=0)  # not a terminal here: a line per update, no bar
+    progress.update(250, {"read": 20, "added": 15, "skipped": 5})
+    progress.close()
+    line = capsys.readouterr().err
+    assert line.startswith("import: 20 identities read (25.0 % of the input), 15 added, 5 already there, ") and \
+        line.rstrip().endswith("identities/s"), line
