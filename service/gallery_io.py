@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Collection, Iterator
@@ -389,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, FaceServiceError) as exc:  # an unreadable file, a database gone (Unavailable)
         print(f"gallery {args.command} failed: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.IntegrityError as exc:  # a row this process did not load: another process writes the file
+        print(f"gallery {args.command} failed: {exc}; is a server running on this SQLite gallery? Stop it while "
+              "importing (one process owns a SQLite gallery), then run the same command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the batch being written was rolled back; those before it are in
         print(f"gallery {args.command} interrupted" + ("; run the same command again to finish the import (it "

@@ -315,3 +315,25 @@ def test_progress_lines_for_logs(capsys) -> None:
     line = capsys.readouterr().err
     assert line.startswith("import: 20 identities read (25.0 % of the input), 15 added, 5 already there, ") and \
         line.rstrip().endswith("identities/s"), line
+
+
+def test_a_sqlite_gallery_written_by_another_process_meanwhile_is_named(model, configured, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    # The import loads the identities the file holds when it opens it; one enrolled behind its back (a server left
+    # running on the file) collides with the import's insert: exit 2 with the reason, not a traceback.
+    from service import gallery_io
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    items = people(3, model[0], model[1], seed=8)
+    opened = gallery_io.open_configured_gallery
+
+    def open_then_enrol_elsewhere():
+        gallery, earlier = opened()
+        with open_gallery(url, model[0], model[1]) as other:
+            other.enroll(items[1]["identity_id"], vectors(items[1], model[1]))
+        return gallery, earlier
+
+    monkeypatch.setattr(gallery_io, "open_configured_gallery", open_then_enrol_elsewhere)
+    configured(url)
+    assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items))]) == 2
+    assert "is a server running on this SQLite gallery?" in capsys.readouterr().err
