@@ -240,6 +240,27 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
     ]
 
 
+# Sections that other commands measure and record by hand (each says its own command and date): a rewrite of
+# the report keeps them as they are, before "How to reproduce".
+KEPT_SECTIONS = ("## Bulk import",)
+
+
+def kept_sections(path: Path) -> list[str]:
+    """The KEPT_SECTIONS of the report at `path`, each up to the next `## ` heading, as lines."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    kept: list[str] = []
+    keeping = False
+    for line in lines:
+        if line.startswith("## "):
+            keeping = line.startswith(KEPT_SECTIONS)
+        if keeping:
+            kept.append(line)
+    return kept + [""] if kept and kept[-1] else kept
+
+
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
                  decoders=()) -> None:
@@ -345,6 +366,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         lines.append(f"Not measured: {peer_missing}.")
     lines += [
         "",
+        *kept_sections(path),
         "## How to reproduce",
         "",
         "```sh",

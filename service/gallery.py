@@ -26,6 +26,11 @@ moves the last row into its slot (O(D), not O(N)); deleting a face rebuilds its 
 faces. One lock serialises mutations and searches, which keeps row indices consistent; the matrix product itself
 runs multi-threaded in BLAS. The face rows stay in SQLite only: memory is one row per identity.
 
+Bulk import. `import_identities` (used by `python -m service.gallery_io`) writes a batch of identities that do not
+exist yet in one transaction, as durable as an enrolment, and skips those that do, so an interrupted import is
+finished by running it again. A batch is checked and written column by column (`CheckedImport`): per-identity
+Python objects and numpy calls would cost more than SQLite's own work, which is what bounds the rate (BENCHMARKS.md).
+
 One process owns a gallery file: two server processes on one file would each keep their own matrix and
 miss the other's enrolments (run uvicorn with one worker; scale inference with ORT threads instead). Several
 replicas share a PostgreSQL gallery instead (service/pg_gallery.py, FACE_GALLERY_URL=postgresql://...): both
@@ -35,8 +40,10 @@ stores implement `GalleryStore`, and the routers only know that.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -47,12 +54,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.errors import InvalidParameter, ModelError, NotFound
-from service.vectors import similarity
+from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
+from service.vectors import UNIT_TOLERANCE, similarity
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +218,142 @@ class Enrolment:
         ]
 
 
+class ImportedIdentity(NamedTuple):
+    """One identity for `GalleryStore.import_identities`, as a backup or another system holds it. (A tuple: a bulk
+    import makes millions.)"""
+
+    identity_id: str
+    embeddings: Any  # (k, D) unit vectors, k >= 1
+    model_sha256: str  # the model that made them: only the store's own model is accepted
+    display_name: str | None = None
+    metadata: dict | None = None
+
+
+@dataclass(frozen=True)
+class CheckedImport:
+    """A checked batch of identities, column by column, ready for a store to write in one transaction."""
+
+    identity_ids: list[str]
+    display_names: list[str | None]
+    metadata_json: list[str]
+    counts: np.ndarray  # (n,) faces of each identity
+    vectors: np.ndarray  # (sum of counts, D) float32 unit rows, identity after identity
+    face_ids: list[str]
+    created_at: float
+
+    def only(self, keep: Sequence[bool]) -> CheckedImport:
+        """The identities whose `keep` is true, with their faces."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return self
+        per_face = np.repeat(keep, self.counts)
+        return CheckedImport(
+            identity_ids=[v for v, k in zip(self.identity_ids, keep) if k],
+            display_names=[v for v, k in zip(self.display_names, keep) if k],
+            metadata_json=[v for v, k in zip(self.metadata_json, keep) if k],
+            counts=self.counts[keep],
+            vectors=self.vectors[per_face],
+            face_ids=[v for v, k in zip(self.face_ids, per_face) if k],
+            created_at=self.created_at,
+        )
+
+    def face_owners(self) -> list[str]:
+        """The identity id of each face."""
+        if len(self.face_ids) == len(self.identity_ids):
+            return self.identity_ids
+        return [i for i, k in zip(self.identity_ids, self.counts.tolist()) for _ in range(k)]
+
+    def template_sums(self) -> np.ndarray:
+        """(n, D) float64: each identity's sum of its faces, from one running sum over the batch (np.add.reduceat
+        with ten thousand one-row segments is a hundred times slower). In float64 a running sum of unit vectors
+        stays exact to ~1e-12, far below the float32 the sums are kept in."""
+        if len(self.vectors) == len(self.identity_ids):  # one face each: the sums are the faces
+            return self.vectors.astype(np.float64)
+        running = np.cumsum(self.vectors, axis=0, dtype=np.float64)
+        ends = np.cumsum(self.counts) - 1
+        totals = running[ends]
+        totals[1:] -= running[ends[:-1]]
+        return totals
+
+
+def check_import(batch: Sequence[ImportedIdentity], model_sha256: str, size: int) -> CheckedImport:
+    """Each identity checked as an enrolment is (id, display name, metadata, embeddings of `size` values), plus: its
+    embeddings made by `model_sha256` (else ModelMismatch) and of unit length within UNIT_TOLERANCE (a raw network
+    output is not an embedding the service made), and no id twice in the batch. The first problem raises, its
+    details naming the item's `index` in the batch. The vectors are checked for the whole batch at once: the
+    per-identity numpy calls of `check_enrolment` would cost more than writing the rows."""
+    seen: set[str] = set()
+    matrices, metadata = [], []
+    for index, item in enumerate(batch):
+        try:
+            metadata_json = check_identity_fields(item.identity_id, item.display_name, item.metadata)
+            if item.identity_id in seen:
+                raise InvalidParameter("the identity appears twice in one batch")
+            seen.add(item.identity_id)
+            if item.model_sha256 != model_sha256:
+                raise ModelMismatch(
+                    f"embeddings of model {str(item.model_sha256)[:12]}, this gallery's model is {model_sha256[:12]}: "
+                    "embeddings of different models are never compared",
+                    details={"model_sha256": str(item.model_sha256)[:64], "expected_model_sha256": model_sha256},
+                )
+            vectors = np.asarray(item.embeddings, dtype=np.float32)
+            if vectors.ndim != 2 or vectors.shape[1] != size or len(vectors) == 0:
+                raise InvalidParameter(
+                    f"embeddings must have shape (k >= 1, {size}), got {vectors.shape}", details={"expected_size": size}
+                )
+        except FaceServiceError as exc:
+            raise _at(exc, index, item) from None
+        except (TypeError, ValueError) as exc:  # np.asarray of something that is not numbers
+            raise _at(InvalidParameter(f"embeddings are not numbers ({exc})"), index, item) from None
+        matrices.append(vectors)
+        metadata.append(metadata_json or "{}")
+    counts = np.array([len(m) for m in matrices], dtype=np.int64)
+    vectors = np.concatenate(matrices) if matrices else np.zeros((0, size), np.float32)
+    wide = vectors.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_TOLERANCE))  # NaN and infinities fail this too
+    if len(bad):
+        index = int(np.searchsorted(np.cumsum(counts), bad[0], side="right"))
+        problem = (
+            InvalidParameter("embeddings hold NaN or infinite values")
+            if not np.isfinite(norms[bad[0]])
+            else InvalidParameter(
+                f"an embedding has length {norms[bad[0]]:.6g}, not 1: import L2-normalised embeddings",
+                details={"norm": float(norms[bad[0]]), "tolerance": UNIT_TOLERANCE},
+            )
+        )
+        raise _at(problem, index, batch[index])
+    return CheckedImport(
+        identity_ids=[item.identity_id for item in batch],
+        display_names=[item.display_name for item in batch],
+        metadata_json=metadata,
+        counts=counts,
+        vectors=(wide / norms[:, None]).astype(np.float32),
+        face_ids=sequential_ids(len(vectors)),
+        created_at=time.time(),
+    )
+
+
+def sequential_ids(n: int) -> list[str]:
+    """n new face ids, in increasing order: UUIDv7s (RFC 9562) as 32 hex digits, like the uuid4 hex of enrolled
+    faces. They share a time-ordered random prefix and count up in their last 32 bits, so a million of them land at
+    the end of the face-id indexes (B-trees) instead of at a million random places, each a page to read and
+    rewrite once the index outgrows the cache."""
+    if n >= 2**32:
+        raise ValueError("at most 2**32 ids at once")
+    rand_a, rand_b = int.from_bytes(os.urandom(2), "big") >> 4, int.from_bytes(os.urandom(4), "big") >> 2
+    # The first 96 bits: unix time in ms (48), version 7 (4), 12 random bits, variant 0b10 (2), 30 random bits.
+    head = f"{(time.time_ns() // 1_000_000) << 48 | 0x7 << 44 | rand_a << 32 | 0b10 << 30 | rand_b:024x}"
+    return [f"{head}{i:08x}" for i in range(n)]
+
+
+def _at(exc: FaceServiceError, index: int, item: ImportedIdentity) -> FaceServiceError:
+    """The same error, naming the batch item it is about."""
+    identity = str(getattr(item, "identity_id", ""))[:200]
+    return type(exc)(f"identity {identity!r}: {exc.message}", details={**exc.details, "index": index,
+                                                                       "identity_id": identity})
+
+
 class GalleryStore(ABC):
     """What the routers and the pipeline use, whichever store runs: this module's SQLite `Gallery` (one process)
     or `service.pg_gallery.PostgresGallery` (any number of replicas). tests/test_gallery.py holds both to it.
@@ -250,6 +393,27 @@ class GalleryStore(ABC):
         )
         self._write_enrolment(enrolment)
         return enrolment.face_ids
+
+    def import_identities(self, batch: Sequence[ImportedIdentity]) -> int:
+        """Bulk load (service/gallery_io.py): write the identities of `batch` that the store does not hold yet,
+        with their faces and templates, in ONE transaction committed durably before returning; identities it
+        already holds are skipped whole (nothing added to them, names and metadata untouched), so an interrupted
+        import can simply run again. Every identity is checked first (`check_import`); one bad identity raises
+        and nothing of the batch is written. Returns how many identities were added."""
+        checked = check_import(batch, self.model_sha256, self.embedding_size)
+        return self._write_new_identities(checked) if checked.identity_ids else 0
+
+    def export_identities(self, page: int = 1000) -> Iterator[ImportedIdentity]:
+        """Every identity, in id order, with its current-model embeddings as stored ((0, D) when it has none),
+        read a page of identities at a time: what `import_identities` takes, for backups and moves. Faces of
+        other models are not included (count_foreign counts them)."""
+        after = ""  # every id sorts after the empty string
+        while True:
+            identities = self._export_page(after, page)
+            yield from identities
+            if len(identities) < page:
+                return
+            after = identities[-1].identity_id
 
     def list_identities(self, offset: int = 0, limit: int = 100) -> tuple[list[Identity], int]:
         """A page of identities ordered by id, and the total number of identities."""
@@ -294,6 +458,14 @@ class GalleryStore(ABC):
 
     @abstractmethod
     def _write_enrolment(self, enrolment: Enrolment) -> None: ...
+    @abstractmethod
+    def _write_new_identities(self, batch: CheckedImport) -> int:
+        """Of the batch's identities (distinct ids), write those that do not exist, in one transaction; return how
+        many were written."""
+    @abstractmethod
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        """Up to `limit` identities with ids after `after` (byte order), each with its current-model embeddings
+        in enrolment order."""
     @abstractmethod
     def delete_identity(self, identity_id: str) -> int: ...
     @abstractmethod
@@ -351,6 +523,27 @@ def identity_with_faces(row: tuple, stored: Iterable[tuple], model_sha256: str) 
     current = sum(f.current_model for f in faces)
     identity = identity_from_row((*row[:4], current, len(faces) - current))
     return dataclasses.replace(identity, faces=faces)
+
+
+def exported(identities: Sequence[tuple], faces: Iterable[tuple], model_sha256: str, size: int) -> list[ImportedIdentity]:
+    """Identity rows (id, display_name, metadata JSON) and face rows (identity_id, embedding as float32 bytes or
+    a vector) as `export_identities` yields them."""
+    embeddings: dict[str, list] = {}
+    for identity_id, embedding in faces:
+        embeddings.setdefault(identity_id, []).append(
+            np.frombuffer(embedding, dtype="<f4") if isinstance(embedding, bytes) else embedding
+        )
+    empty = np.zeros((0, size), dtype=np.float32)
+    return [
+        ImportedIdentity(
+            identity_id=identity_id,
+            embeddings=np.array(embeddings[identity_id], dtype=np.float32) if identity_id in embeddings else empty,
+            model_sha256=model_sha256,
+            display_name=display_name,
+            metadata=json.loads(metadata) if metadata else {},
+        )
+        for identity_id, display_name, metadata in identities
+    ]
 
 
 class GallerySetupError(Exception):
@@ -427,14 +620,21 @@ def check_enrolment(
     vectors = unit_rows(embeddings, size, "embeddings")
     if len(vectors) == 0:
         raise InvalidParameter("nothing to enroll: no embeddings given")
+    metadata_json = check_identity_fields(identity_id, display_name, metadata)
+    if sources is not None and len(sources) != len(vectors):
+        raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
+    return vectors, metadata_json
+
+
+def check_identity_fields(identity_id: Any, display_name: Any, metadata: Any) -> str | None:
+    """The checks an identity's own fields get (id, display name, metadata), whether enrolled or imported; returns
+    the metadata as JSON text (None when none is given)."""
+    validate_identity_id(identity_id)
     if display_name is not None and (not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME):
         raise InvalidParameter(f"display_name must be a string of at most {MAX_DISPLAY_NAME} characters")
     if display_name is not None and (problem := text_problem(display_name)):
         raise InvalidParameter(f"display_name holds {problem}")
-    metadata_json = None if metadata is None else metadata_text(metadata)
-    if sources is not None and len(sources) != len(vectors):
-        raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
-    return vectors, metadata_json
+    return None if metadata is None else metadata_text(metadata)
 
 
 def metadata_text(metadata: Any) -> str:
@@ -571,16 +771,23 @@ class Gallery(GalleryStore):
         row = self._row_of.get(identity_id)
         if row is None:
             row = len(self._row_ids)
-            if row >= len(self._sums):
-                capacity = 2 * len(self._sums)
-                for name in ("_sums", "_norms", "_counts"):
-                    old = getattr(self, name)
-                    grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
-                    grown[: len(old)] = old
-                    setattr(self, name, grown)
+            self._reserve(row + 1)
             self._row_of[identity_id] = row
             self._row_ids.append(identity_id)
         return row
+
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` template rows, doubling the capacity as often as needed."""
+        capacity = len(self._sums)
+        if rows <= capacity:
+            return
+        while capacity < rows:
+            capacity *= 2
+        for name in ("_sums", "_norms", "_counts"):
+            old = getattr(self, name)
+            grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
 
     def _set_template(self, identity_id: str, total: np.ndarray, count: int) -> None:
         """Make the identity's template the given sum of `count` faces; no faces removes it from search."""
@@ -676,6 +883,41 @@ class Gallery(GalleryStore):
                     display_name if display_name is not None else self._names.get(identity_id)
                 )
 
+    def _write_new_identities(self, batch: CheckedImport) -> int:
+        with self._lock:
+            # One process owns the file (module docstring), so the names it loaded are every identity there is.
+            batch = batch.only([i not in self._names for i in batch.identity_ids])
+            if not batch.identity_ids:
+                return 0
+            blob = memoryview(batch.vectors.astype("<f4").tobytes())  # each face's BLOB a slice of it, not a copy
+            step = 4 * self.embedding_size
+            now, model = batch.created_at, self.model_sha256
+            with self._transaction() as db:
+                db.executemany(
+                    "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (?, ?, ?, ?)",
+                    zip(batch.identity_ids, batch.display_names, batch.metadata_json, itertools.repeat(now)),
+                )
+                db.executemany(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at, source) "
+                    "VALUES (?, ?, ?, ?, ?, NULL)",
+                    (
+                        (face_id, owner, model, blob[i * step:(i + 1) * step], now)
+                        for i, (face_id, owner) in enumerate(zip(batch.face_ids, batch.face_owners()))
+                    ),
+                )
+            # Committed: the new identities' templates, appended in one go (none of them had a row).
+            first, needed = len(self._row_ids), len(self._row_ids) + len(batch.identity_ids)
+            self._reserve(needed)
+            self._sums[first:needed] = batch.template_sums()
+            self._counts[first:needed] = batch.counts
+            stored = self._sums[first:needed].astype(np.float64)
+            self._norms[first:needed] = np.sqrt(np.einsum("ij,ij->i", stored, stored))
+            self._row_of.update(zip(batch.identity_ids, range(first, needed)))
+            self._names.update(zip(batch.identity_ids, batch.display_names))
+            self._row_ids.extend(batch.identity_ids)
+            self._faces += len(batch.face_ids)
+        return len(batch.identity_ids)
+
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
         validate_identity_id(identity_id)
@@ -734,6 +976,20 @@ class Gallery(GalleryStore):
                 (self.model_sha256, self.model_sha256, limit, offset),
             ).fetchall()
         return [identity_from_row(row) for row in rows], total
+
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        with self._lock:
+            identities = self._db.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            ).fetchall()
+            if not identities:
+                return []
+            faces = self._db.execute(
+                "SELECT identity_id, embedding FROM faces WHERE identity_id BETWEEN ? AND ? AND model_sha256 = ? "
+                "ORDER BY identity_id, created_at, rowid",
+                (identities[0][0], identities[-1][0], self.model_sha256),
+            ).fetchall()
+        return exported(identities, faces, self.model_sha256, self.embedding_size)
 
     def get_identity(self, identity_id: str) -> Identity:
         validate_identity_id(identity_id)

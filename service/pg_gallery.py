@@ -31,6 +31,7 @@ in `facerec_schema`. A database whose schema is newer than this code refuses the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -48,11 +49,14 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from service.errors import Unavailable
 from service.gallery import (
+    CheckedImport,
     Enrolment,
     GallerySetupError,
     GalleryStore,
     Identity,
+    ImportedIdentity,
     Match,
+    exported,
     face_missing,
     identity_from_row,
     identity_missing,
@@ -69,6 +73,9 @@ EF_SEARCH = 100
 COUNT_REUSE_S = 1.0  # how long count_faces / count_searchable_identities reuse a count (see _recent_count)
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search; past it, the exact fallback answers
 POOL_SIZE = 4
+# statement_timeout inside an import transaction (import_identities): a batch of thousands of identities is one
+# long statement, and FACE_GALLERY_TIMEOUT_S is sized for a request's.
+IMPORT_TIMEOUT_MS = 10 * 60 * 1000
 _SCHEMA_LOCK = 0x66616365  # "face": pg_advisory_xact_lock key held while the schema is created or checked
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -259,6 +266,32 @@ class PostgresGallery(GalleryStore):
             raise GallerySetupError(f"FACE_GALLERY_URL: cannot connect to {redact(url)}: {exc}") from None
         log.info("gallery: PostgreSQL %s, model %s, ef_search %d", redact(url), model_sha256[:12], ef_search)
 
+    @contextmanager
+    def search_index_deferred(self) -> Iterator[None]:
+        """For a large import: this model's HNSW index is dropped on entry and built again on exit, however the
+        block ends. Inserting rows into the index one by one is what bounds an import (about 130 identities/s
+        measured on a busy 2-core machine; without the index, with one build at the end, about ten times that; see
+        BENCHMARKS.md). Searches stay right while it is missing: they scan every template (exact, and slower at
+        scale). Should the build never happen (the process killed), every replica's start creates the index."""
+        self._index_ddl("DROP INDEX IF EXISTS {}", sql.Identifier(_index_name(self.model_sha256)))
+        try:
+            yield
+        finally:
+            log.info("gallery: building the HNSW index of model %s", self.model_sha256[:12])
+            self._index_ddl(None)
+
+    def _index_ddl(self, statement: str | None, *args: sql.Composable) -> None:
+        """Run index DDL on a connection of its own, without the pool's statement timeout (an index build takes
+        minutes at a million templates). None: create this model's index."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, **_connection_options(self.url, self.timeout_s)) as conn:
+                if statement is None:
+                    create_model_index(conn, self.model_sha256, self.embedding_size)
+                else:
+                    conn.execute(sql.SQL(statement).format(*args))
+        except _TRANSIENT as exc:
+            raise Unavailable(f"the gallery database is unavailable: {exc}", details={"retry": True}) from exc
+
     def _retag(self, earlier_ids: Sequence[str]) -> None:
         """Faces the same network's earlier ids tagged (older releases keyed them by the whole file's sha256)
         become this model's, their identities' templates rebuilt; one transaction, before serving."""
@@ -339,6 +372,62 @@ class PostgresGallery(GalleryStore):
             )
         self._forget_counts()
 
+    def _write_new_identities(self, batch: CheckedImport) -> int:
+        """COPY into temporary tables, then one INSERT ... ON CONFLICT DO NOTHING of the identities; only the faces
+        and templates of those it added follow. A replica enrolling one of these ids at the same moment either
+        commits first (the import skips the id) or waits for this transaction (and then adds to it)."""
+        totals = batch.template_sums().astype(np.float32)
+        now = batch.created_at
+        with self._connection() as conn, conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(IMPORT_TIMEOUT_MS)))
+            conn.execute(
+                'CREATE TEMP TABLE import_identities (id text COLLATE "C", display_name text, metadata text, '
+                "total vector, faces integer) ON COMMIT DROP"
+            )
+            conn.execute(
+                'CREATE TEMP TABLE import_faces (ord bigint, face_id text, identity_id text COLLATE "C", '
+                "embedding vector) ON COMMIT DROP"
+            )
+            conn.execute('CREATE TEMP TABLE import_added (id text COLLATE "C" PRIMARY KEY) ON COMMIT DROP')
+            with conn.cursor().copy(
+                "COPY import_identities (id, display_name, metadata, total, faces) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["text", "text", "text", "vector", "int4"])
+                for row in zip(batch.identity_ids, batch.display_names, batch.metadata_json, totals,
+                               batch.counts.tolist()):
+                    copy.write_row(row)
+            with conn.cursor().copy(
+                "COPY import_faces (ord, face_id, identity_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["int8", "text", "text", "vector"])
+                for row in zip(itertools.count(), batch.face_ids, batch.face_owners(), batch.vectors):
+                    copy.write_row(row)
+            conn.execute(
+                "WITH added AS (INSERT INTO identities (id, display_name, metadata, created_at) "
+                "  SELECT id, display_name, metadata, %s FROM import_identities "
+                "  ON CONFLICT (id) DO NOTHING RETURNING id) "
+                "INSERT INTO import_added SELECT id FROM added",
+                (now,),
+            )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO faces (face_id, identity_id, model_sha256, embedding, created_at) "
+                    "SELECT f.face_id, f.identity_id, {}, f.embedding, %s FROM import_faces f "
+                    "JOIN import_added a ON a.id = f.identity_id ORDER BY f.ord"
+                ).format(self._model),
+                (now,),
+            )
+            # New identities have no template row yet (it references the identity), so a plain INSERT.
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO templates (identity_id, model_sha256, total, faces) "
+                    "SELECT i.id, {}, i.total, i.faces FROM import_identities i JOIN import_added a ON a.id = i.id"
+                ).format(self._model)
+            )
+            (added,) = conn.execute("SELECT count(*) FROM import_added").fetchone()
+        self._forget_counts()
+        return added
+
     def delete_identity(self, identity_id: str) -> int:
         """Remove an identity with all its faces (every model's); returns how many faces went."""
         validate_identity_id(identity_id)
@@ -387,6 +476,22 @@ class PostgresGallery(GalleryStore):
             (total,) = conn.execute("SELECT count(*) FROM identities").fetchone()
             rows = conn.execute(query, (limit, offset)).fetchall()
         return [identity_from_row(row) for row in rows], total
+
+    def _export_page(self, after: str, limit: int) -> list[ImportedIdentity]:
+        with self._connection() as conn, conn.transaction():  # one snapshot for the page and its faces
+            identities = conn.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE id > %s ORDER BY id LIMIT %s", (after, limit)
+            ).fetchall()
+            if not identities:
+                return []
+            faces = conn.execute(
+                sql.SQL(
+                    "SELECT identity_id, embedding FROM faces WHERE identity_id BETWEEN %s AND %s "
+                    "AND model_sha256 = {} ORDER BY identity_id, created_at, seq"
+                ).format(self._model),
+                (identities[0][0], identities[-1][0]),
+            ).fetchall()
+        return exported(identities, [(i, v.to_numpy()) for i, v in faces], self.model_sha256, self.embedding_size)
 
     def get_identity(self, identity_id: str) -> Identity:
         validate_identity_id(identity_id)

@@ -82,3 +82,23 @@ def test_peer_runs_when_installed(faces_dir):
     result = suites.peer_suite(frames, suites.fit(couple, 640), repeat=1, cnn_sizes=(), cnn_repeat=1)
     assert result["detectors"][0]["faces"] == 2  # HOG finds the couple
     assert result["descriptor_ms"] is not None
+
+
+def test_a_rewritten_report_keeps_the_sections_recorded_by_hand(tmp_path):
+    from benchmarks.__main__ import kept_sections
+
+    report = tmp_path / "BENCH.md"
+    report.write_text("# Benchmarks\n\n## Detector\n\nold\n\n## Bulk import and export\n\nfigures\n| a | b |\n\n"
+                      "## How to reproduce\n\nold\n")
+    assert kept_sections(report) == ["## Bulk import and export", "", "figures", "| a | b |", ""]
+    assert kept_sections(tmp_path / "absent.md") == []
+
+
+def test_gallery_import_benchmark_runs(tmp_path, capsys):
+    from benchmarks import gallery_import
+
+    assert gallery_import.main(["--identities", "300", "--baseline", "5", "--dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for what in ("| SQLite | import npy | 300 |", "| SQLite | import npy again (all skipped) | 300 |",
+                 "| SQLite | import jsonl | 300 |", "| SQLite | enroll() one at a time (baseline) | 5 |"):
+        assert what in printed, printed

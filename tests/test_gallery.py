@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import InvalidParameter, ModelError, NotFound
-from service.gallery import Gallery, GalleryStore, Match, open_gallery
+from service.errors import InvalidParameter, ModelError, ModelMismatch, NotFound
+from service.gallery import Gallery, GalleryStore, ImportedIdentity, Match, open_gallery
 
 D = 192
 MODEL = "a" * 64
@@ -445,3 +445,132 @@ def test_faces_tagged_with_an_earlier_id_of_the_same_model_are_retagged(store: S
         assert all(f.current_model for f in g.get_identity("alice").faces)
     with store.open(MODEL) as g:  # done once, for good
         assert (len(g), g.count_foreign()) == (2, 1)
+
+
+# -- bulk import (service/gallery_io.py writes through import_identities) ----------------------------------------
+
+
+def test_import_adds_new_identities_in_one_go_and_skips_those_it_holds(store: Store) -> None:
+    rng = np.random.default_rng(20)
+    with store.open() as g:
+        alice = unit(rng.normal(size=(2, D)))
+        g.enroll("alice", alice, display_name="Alice", metadata={"team": "a"})
+        faces = {name: unit(rng.normal(size=(k, D))) for name, k in [("bob", 3), ("carol", 1), ("dave", 2)]}
+        batch = [
+            ImportedIdentity("alice", unit(rng.normal(size=(4, D))), MODEL, "Not Alice", {"team": "z"}),
+            ImportedIdentity("bob", faces["bob"], MODEL, "Bob", {"n": 1, "tags": ["x", {"y": None}]}),
+            ImportedIdentity("carol", faces["carol"], MODEL),
+            ImportedIdentity("dave", faces["dave"], MODEL, "Dave"),
+        ]
+        assert g.import_identities(batch) == 3
+        enrolled = {"alice": dict(enumerate(alice)), **{name: dict(enumerate(f)) for name, f in faces.items()}}
+
+        def check(gallery: GalleryStore) -> None:
+            a = gallery.get_identity("alice")  # held already: untouched
+            assert (a.display_name, a.metadata, a.face_count) == ("Alice", {"team": "a"}, 2)
+            bob = gallery.get_identity("bob")
+            assert (bob.display_name, bob.metadata, bob.face_count, bob.foreign_face_count) == (
+                "Bob", {"n": 1, "tags": ["x", {"y": None}]}, 3, 0
+            )
+            assert all(f.current_model and f.model_sha256 == MODEL for f in bob.faces)
+            carol = gallery.get_identity("carol")
+            assert (carol.display_name, carol.metadata, carol.face_count) == (None, {}, 1)
+            assert (gallery.count_identities(), len(gallery), gallery.count_searchable_identities()) == (4, 8, 4)
+            queries = np.concatenate([faces["bob"][:1], rng.normal(size=(5, D))])
+            for query, matches in zip(queries, gallery.search(queries, top_k=4)):
+                assert_same(matches, brute_force(enrolled, query, 4))
+            for person in ("bob", "dave"):
+                np.testing.assert_allclose(
+                    gallery.identity_similarity(person, queries), template(enrolled[person]) @ unit(queries).T,
+                    atol=1e-5,
+                )
+            assert gallery.search(faces["dave"][1], top_k=1)[0][0].display_name == "Dave"
+
+        check(g)
+        assert g.import_identities(batch) == 0  # a re-run adds nothing, changes nothing
+        check(g)
+    with store.open() as reopened:
+        check(reopened)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ({"identity_id": "has space"}, InvalidParameter),
+        ({"model_sha256": OTHER_MODEL}, ModelMismatch),
+        ({"embeddings": np.ones((1, D + 1)) / np.sqrt(D + 1)}, InvalidParameter),
+        ({"embeddings": np.ones((0, D))}, InvalidParameter),
+        ({"embeddings": 2 * np.ones((1, D)) / np.sqrt(D)}, InvalidParameter),  # not unit length
+        ({"embeddings": np.full((1, D), np.nan)}, InvalidParameter),
+        ({"embeddings": [["x"] * D]}, InvalidParameter),
+        ({"identity_id": "first"}, InvalidParameter),  # twice in one batch
+        ({"display_name": "x" * 300}, InvalidParameter),
+        ({"metadata": ["not", "an", "object"]}, InvalidParameter),
+        ({"metadata": {"bad": "\udfff"}}, InvalidParameter),
+    ],
+)
+def test_import_refuses_a_bad_identity_and_writes_nothing_of_its_batch(store: Store, bad: dict, error) -> None:
+    rng = np.random.default_rng(21)
+    good = {"identity_id": "second", "embeddings": unit(rng.normal(size=(2, D))), "model_sha256": MODEL}
+    with store.open() as g:
+        with pytest.raises(error) as raised:
+            g.import_identities([
+                ImportedIdentity("first", unit(rng.normal(size=(1, D))), MODEL), ImportedIdentity(**{**good, **bad})
+            ])
+        assert raised.value.details["index"] == 1
+        assert (g.count_identities(), len(g), g.count_foreign()) == (0, 0, 0)
+        assert g.import_identities([]) == 0
+
+
+def test_imports_grow_the_gallery_past_its_capacity(store: Store) -> None:
+    # 2,500 identities in three batches (past the SQLite matrix's first 1,024 rows, twice), on top of enrolled ones.
+    rng = np.random.default_rng(22)
+    enrolled: dict[str, dict[int, np.ndarray]] = {}
+    with store.open() as g:
+        for p in range(5):
+            faces = unit(rng.normal(size=(2, D)))
+            g.enroll(f"e{p}", faces)
+            enrolled[f"e{p}"] = dict(enumerate(faces))
+        people = [(f"p{p:04d}", unit(rng.normal(size=(int(rng.integers(1, 4)), D)))) for p in range(2500)]
+        for start in range(0, 2500, 1000):
+            assert g.import_identities([ImportedIdentity(i, f, MODEL) for i, f in people[start:start + 1000]]) == len(
+                people[start:start + 1000]
+            )
+        enrolled.update((i, dict(enumerate(f))) for i, f in people)
+        extra = unit(rng.normal(size=(1, D)))
+        g.enroll("p0007", extra)  # an imported identity takes enrolments like any other
+        enrolled["p0007"][99] = extra[0]
+    with store.open() as g:
+        faces = sum(len(f) for f in enrolled.values())
+        assert (g.count_identities(), g.count_searchable_identities()) == (2505, 2505)
+        assert len(g) == faces
+        sample = ["e0", "p0000", "p0007", "p1024", "p2047", "p2499"]
+        queries = np.stack([next(iter(enrolled[i].values())) for i in sample])
+        for person, query in zip(sample, queries):
+            assert g.identity_similarity(person, query) == pytest.approx(float(template(enrolled[person]) @ query),
+                                                                         abs=1e-5)
+        if store.kind == "sqlite":  # exact search: equal to brute force (the HNSW index is approximate)
+            for query, matches in zip(queries, g.search(queries, top_k=5)):
+                assert_same(matches, brute_force(enrolled, query, 5))
+
+
+def test_export_yields_every_identity_with_its_current_model_faces(store: Store) -> None:
+    rng = np.random.default_rng(23)
+    with store.open(OTHER_MODEL) as old:
+        old.enroll("alice", unit(rng.normal(size=(1, D))))
+        old.enroll("old-only", unit(rng.normal(size=(2, D))))
+    with store.open() as g:
+        alice, bob = unit(rng.normal(size=(2, D))), unit(rng.normal(size=(3, D)))
+        g.enroll("alice", alice, display_name="Alice", metadata={"k": [1, 2]})
+        g.enroll("bob", bob[:1])
+        g.enroll("bob", bob[1:], display_name="Bob")
+        g.import_identities([ImportedIdentity("carol", alice[:1], MODEL, None, {"x": "y"})])
+        for page in (1, 2, 1000):
+            exported = list(g.export_identities(page=page))
+            assert [(e.identity_id, e.display_name, e.metadata, e.model_sha256) for e in exported] == [
+                ("alice", "Alice", {"k": [1, 2]}, MODEL), ("bob", "Bob", {}, MODEL), ("carol", None, {"x": "y"}, MODEL),
+                ("old-only", None, {}, MODEL),
+            ]
+            for e, faces in zip(exported, [alice, bob, alice[:1], np.zeros((0, D))]):
+                assert e.embeddings.dtype == np.float32 and e.embeddings.shape == faces.shape
+                np.testing.assert_allclose(e.embeddings, faces, atol=1e-7)  # enrolment order, as stored
