@@ -323,12 +323,19 @@ def check_import(batch: Sequence[ImportedIdentity], model_sha256: str, size: int
             )
         )
         raise _at(problem, index, batch[index])
+    unit = wide / norms[:, None]
+    if len(counts):
+        sums = np.add.reduceat(unit, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
+        weak = np.flatnonzero(np.linalg.norm(sums, axis=1) < MIN_TEMPLATE_MEAN_LENGTH * counts)
+        if len(weak):
+            index = int(weak[0])
+            raise _at(cancelling(sums[index], int(counts[index])), index, batch[index])
     return CheckedImport(
         identity_ids=[item.identity_id for item in batch],
         display_names=[item.display_name for item in batch],
         metadata_json=metadata,
         counts=counts,
-        vectors=(wide / norms[:, None]).astype(np.float32),
+        vectors=unit.astype(np.float32),
         face_ids=sequential_ids(len(vectors)),
         created_at=time.time(),
     )
@@ -607,6 +614,23 @@ def check_search(top_k: Any, threshold: Any) -> None:
         raise InvalidParameter("threshold must be a cosine similarity in [-1, 1]")
 
 
+# An identity's template is the mean direction of its faces. Faces of one person point close together (their mean
+# has length about 0.8); sent embeddings that cancel out (v and -v) would leave a template with no direction, which
+# matches nothing and still counts as an identity searched. Refused below this mean length.
+MIN_TEMPLATE_MEAN_LENGTH = 0.05
+
+
+def cancelling(total: np.ndarray, count: int) -> InvalidParameter | None:
+    """The error for faces whose sum (`total`, of `count` unit vectors) has almost no length; None when fine."""
+    length = float(np.linalg.norm(np.asarray(total, dtype=np.float64)))
+    if count and length < MIN_TEMPLATE_MEAN_LENGTH * count:
+        return InvalidParameter(
+            f"the identity's embeddings cancel each other out (their mean has length {length / count:.3g}): its "
+            "template would point nowhere", details={"mean_length": length / count},
+        )
+    return None
+
+
 def check_enrolment(
     identity_id: str,
     embeddings: Any,
@@ -620,6 +644,8 @@ def check_enrolment(
     vectors = unit_rows(embeddings, size, "embeddings")
     if len(vectors) == 0:
         raise InvalidParameter("nothing to enroll: no embeddings given")
+    if problem := cancelling(vectors.astype(np.float64).sum(axis=0), len(vectors)):
+        raise problem
     metadata_json = check_identity_fields(identity_id, display_name, metadata)
     if sources is not None and len(sources) != len(vectors):
         raise ValueError(f"{len(sources)} sources for {len(vectors)} embeddings")
@@ -857,6 +883,12 @@ class Gallery(GalleryStore):
         metadata_json, vectors, now = enrolment.metadata_json, enrolment.vectors, enrolment.created_at
         rows = enrolment.rows(self.model_sha256, lambda v: v.astype("<f4").tobytes())
         with self._lock:
+            # The template after this enrolment, checked before anything is written.
+            row = self._row_of.get(identity_id)
+            previous = (self._sums[row].astype(np.float64), int(self._counts[row])) if row is not None else (0.0, 0)
+            total = previous[0] + vectors.astype(np.float64).sum(axis=0)
+            if problem := cancelling(total, previous[1] + len(vectors)):
+                raise problem
             with self._transaction() as db:
                 db.execute(
                     "INSERT INTO identities (id, display_name, metadata, created_at) VALUES (?, ?, ?, ?) "
@@ -871,12 +903,7 @@ class Gallery(GalleryStore):
                     rows,
                 )
             # Committed: only now does the in-memory index change, so it never holds what the disk lacks.
-            row = self._row_of.get(identity_id)
-            previous = (self._sums[row].astype(np.float64), int(self._counts[row])) if row is not None else (0.0, 0)
-            self._set_template(
-                identity_id, (previous[0] + vectors.astype(np.float64).sum(axis=0)).astype(np.float32),
-                previous[1] + len(vectors),
-            )
+            self._set_template(identity_id, total.astype(np.float32), previous[1] + len(vectors))
             self._faces += len(vectors)
             if display_name is not None or identity_id not in self._names:
                 self._names[identity_id] = (
@@ -1035,7 +1062,8 @@ class Gallery(GalleryStore):
             n = len(self._row_ids)
             if n == 0:
                 return [[] for _ in range(len(q))]
-            sums, norms = self._sums[:n], self._norms[:n]
+            # A template of no length (faces that cancelled out after a deletion) scores 0, not NaN.
+            sums, norms = self._sums[:n], np.maximum(self._norms[:n], 1e-12)
             chunk = max(1, _SCORE_BUDGET // n)
             for start in range(0, len(q), chunk):
                 scores = (q[start : start + chunk] @ sums.T) / norms  # (m, n) cosine to each template

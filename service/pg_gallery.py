@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -56,6 +57,7 @@ from service.gallery import (
     Identity,
     ImportedIdentity,
     Match,
+    cancelling,
     exported,
     face_missing,
     identity_from_row,
@@ -363,13 +365,16 @@ class PostgresGallery(GalleryStore):
                     rows,
                 )
             # The row lock the upsert takes serialises concurrent enrolments of one identity from any replica.
-            conn.execute(
+            total, faces = conn.execute(
                 "INSERT INTO templates (identity_id, model_sha256, total, faces) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (identity_id, model_sha256) DO UPDATE SET "
-                "total = templates.total + excluded.total, faces = templates.faces + excluded.faces",
+                "total = templates.total + excluded.total, faces = templates.faces + excluded.faces "
+                "RETURNING total, faces",
                 (identity_id, self.model_sha256, vectors.astype(np.float64).sum(axis=0).astype(np.float32),
                  len(vectors)),
-            )
+            ).fetchone()
+            if problem := cancelling(total.to_numpy(), faces):  # with the faces enrolled before: roll back
+                raise problem
         self._forget_counts()
 
     def _write_new_identities(self, batch: CheckedImport) -> int:
@@ -578,7 +583,7 @@ class PostgresGallery(GalleryStore):
         return [
             Match(identity_id=i, similarity=float(np.clip(s, -1.0, 1.0)), faces=int(k), display_name=name)
             for i, s, k, name in rows
-            if threshold is None or s >= threshold
+            if s is not None and math.isfinite(s) and (threshold is None or s >= threshold)  # NaN: a zero template
         ]
 
     def _template_total(self, identity_id: str) -> np.ndarray | None:

@@ -149,7 +149,7 @@ class Settings(BaseSettings):
         10, ge=1, le=100, description="Most images one /enroll or /embed request carries."
     )
     max_candidates: int = Field(
-        10_000, ge=1, le=1_000_000, description="Most client-held candidates one /identify request may search."
+        10_000, ge=1, le=100_000, description="Most client-held candidates one /identify request may search."
     )
     max_pixels_in_flight: int | None = Field(
         None,

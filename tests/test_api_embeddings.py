@@ -215,3 +215,37 @@ def test_refusals(client, faces_dir):
     assert _refused(client.post("/embed", files=[("images", _pair_file(faces_dir, "img1.jpg"))],
                                   params={"format": "hex"})) == (422, "invalid_parameter")
     assert _refused(client.post("/embed", json={"faces": "all"})) == (422, "invalid_parameter")  # no images
+
+
+def test_hostile_embeddings(client, faces_dir):
+    """What the review sent: embeddings that cancel out, booleans as numbers, repeated form fields, a huge list."""
+    body = _embed(client, faces_dir, "img1.jpg")
+    sha, v = body["model_sha256"], _vector(body["images"][0]["faces"][0])
+    # v and -v: a template with no direction, refused whole; and -v sent after v, refused too (nothing stored).
+    assert _refused(client.post("/enroll", json={"identity_id": "cancel", "model_sha256": sha,
+                                                 "embeddings": [v.tolist(), (-v).tolist()]})) == (422, "invalid_parameter")
+    assert client.post("/enroll", json={"identity_id": "cancel", "model_sha256": sha,
+                                        "embeddings": [v.tolist()]}).status_code == 200
+    assert _refused(client.post("/enroll", json={"identity_id": "cancel", "model_sha256": sha,
+                                                 "embeddings": [(-v).tolist()]})) == (422, "invalid_parameter")
+    assert client.get("/identities/cancel").json()["face_count"] == 1
+    # true/false and numeric strings are not numbers
+    image1 = {"image1": _pair_file(faces_dir, "img2.jpg")}
+    flags = json.dumps([True] + [False] * 191)
+    assert _refused(client.post("/verify", json={"image1": base64.b64encode(photo(faces_dir, "pairs/img2.jpg")).decode(),
+                                                "embedding2": json.loads(flags), "model_sha256": sha})) == (
+        422, "invalid_parameter")
+    # Repeated form fields: every embedding is kept; a repeated single-valued option is refused, not overwritten.
+    other = _vector(_embed(client, faces_dir, "img2.jpg")["images"][0]["faces"][0])
+    fields = [("identity_id", (None, "repeated")), ("model_sha256", (None, sha)),
+              ("embeddings", (None, base64.b64encode(v.astype("<f4").tobytes()).decode())),
+              ("embeddings", (None, json.dumps(other.tolist())))]
+    response = client.post("/enroll", files=fields)
+    assert response.status_code == 200, response.text
+    assert response.json()["face_count"] == 2
+    assert _refused(client.post("/verify", files=image1, data={"threshold": ["0.1", "0.9"]})) == (
+        422, "invalid_parameter")
+    # A candidate list far over any cap is refused while parsing, before its embeddings are looked at.
+    huge = client.post("/identify", json={"image": "AAAA", "model_sha256": sha,
+                                          "candidates": [{"id": "a", "embedding": ""}] * 200_000})
+    assert huge.status_code == 422 and "candidates" in huge.text

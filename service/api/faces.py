@@ -130,12 +130,13 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
             # more per face than N calls of one on ONNX Runtime's CPU provider, so batching would only add memory.
             async with runtime.admitted(upload):
                 image = await runtime.decode(upload)
+                # Detection only; quality (which embeds) is measured below, for the chosen faces alone.
                 if options.faces == "all":
-                    faces = await runtime.faces(image, options, embed=False, max_faces=options.max_faces)
+                    faces = await runtime.faces(image, options, embed=False, max_faces=options.max_faces, quality=False)
                 else:
-                    faces = await runtime.faces(image, options, embed=False)
+                    faces = await runtime.faces(image, options, embed=False, quality=False)
                     faces = [largest(faces)] if faces else []
-                found.append((upload, image_info(image), await runtime.embed(image, faces)))
+                found.append((upload, image_info(image), await runtime.embed(image, faces, quality=options.quality)))
                 del image
     encode = vectors.to_base64 if options.format == "base64" else (lambda v: [float(x) for x in v])
     return EmbedResponse(
@@ -276,6 +277,7 @@ def _search_candidates(
         "client holds, from /embed, and their `model_sha256`) those are searched instead of the gallery, under "
         "the same policy for their number; nothing is stored."
     ),
+    responses=error_responses(409),
     openapi_extra=openapi_body(IdentifyOptions, images=("image",), required=("image",)),
 )
 async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:

@@ -88,7 +88,7 @@ async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, option
 async def enroll(request: Request, runtime: RuntimeDep) -> EnrollResponse:
     settings = runtime.settings
     async with read_request(
-        request, EnrollOptions, list_field="images",
+        request, EnrollOptions, list_field="images", repeatable=("embeddings",),
         max_images=settings.max_enroll_images, max_image_bytes=settings.max_image_bytes,
     ) as body:
         options = body.options

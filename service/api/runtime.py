@@ -173,17 +173,23 @@ class Runtime:
         )
 
     async def faces(
-        self, image: np.ndarray, options: DetectionOptions, *, embed: bool, max_faces: int | None = None
+        self, image: np.ndarray, options: DetectionOptions, *, embed: bool, max_faces: int | None = None,
+        quality: bool | None = None,
     ) -> list[Face]:
-        """Faces in the image, best score first, at most FACE_MAX_FACES; with embeddings when `embed`."""
+        """Faces in the image, best score first, at most FACE_MAX_FACES; with embeddings when `embed`, and with
+        their quality when `quality` (default: the request's `quality` option)."""
         limit = min(max_faces or self.settings.max_faces, self.settings.max_faces)
-        return await self.infer(self._faces, image, options, embed, limit)
+        if quality is None:
+            quality = getattr(options, "quality", False)
+        return await self.infer(self._faces, image, options, embed, limit, quality)
 
-    def _faces(self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int) -> list[Face]:
+    def _faces(
+        self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int, quality: bool
+    ) -> list[Face]:
         score = options.min_score if options.min_score is not None else self.settings.detection_score_threshold
         faces = self.pipeline.analyse(
             image, score_threshold=score, min_face_size=options.min_face_size, max_faces=max_faces, embed=embed,
-            quality=getattr(options, "quality", False),
+            quality=quality,
         )
         self.metrics.faces.inc(len(faces))
         return faces

@@ -8,10 +8,11 @@ right eye (viewer's side), nose tip, left mouth corner, right mouth corner.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator
 
 from service.gallery import (
     IDENTITY_ID_PATTERN,
@@ -43,8 +44,14 @@ ModelSha256 = Annotated[
 ]
 # An embedding a client sends back: what /embed returned, in either of its formats. Its size, finiteness and unit
 # length are checked against the loaded embedder (service.vectors.parse_embedding): 422 when wrong.
+# Bounds checked while parsing, before anything else: a request cannot make the server validate millions of
+# numbers only to refuse them. 4,096 dimensions is more than any face embedder has (ArcFace's are 512).
+MAX_EMBEDDING_SIZE = 4096
+MAX_CANDIDATES = 100_000
 EmbeddingIn = Annotated[
-    list[float] | str,
+    # Strict: true/false and "1" are not numbers here (lax parsing would turn them into 1.0).
+    Annotated[list[Annotated[float, Strict()]], Field(max_length=MAX_EMBEDDING_SIZE)]
+    | Annotated[str, Field(max_length=4 * math.ceil(4 * MAX_EMBEDDING_SIZE / 3) + 64 * 1024)],
     Field(
         description="An L2-normalised embedding: a JSON list of numbers, or base64 of its little-endian float32 "
         "bytes (what /embed returns with format=base64). In a multipart form, a JSON list as text or base64."
@@ -138,6 +145,7 @@ class IdentifyOptions(DetectOptions):
     candidates: list[Candidate] | None = Field(
         None,
         min_length=1,
+        max_length=MAX_CANDIDATES,
         description="Search these client-held identities (one embedding each, from /embed) instead of the "
         "gallery; needs model_sha256. The threshold follows their number like the gallery's. Nothing is stored. "
         "At most FACE_MAX_CANDIDATES.",
@@ -180,8 +188,20 @@ class EnrollOptions(DetectionOptions):
     @field_validator("embeddings", mode="before")
     @classmethod
     def _embeddings_text(cls, value):
-        value = _json_text(value, "embeddings")
-        return [value] if isinstance(value, str) else value  # one base64 embedding in a form field
+        # A JSON body sends a list of embeddings. Form fields and query parameters send text, one field each
+        # (repeatable): base64, one embedding as a JSON list, or several as a JSON list of lists or of strings.
+        if not isinstance(value, (list, str)):
+            return value
+        out = []
+        for item in [value] if isinstance(value, str) else value:
+            if isinstance(item, str):
+                parsed = _json_text(item, "embeddings")
+                if isinstance(parsed, list) and parsed and all(isinstance(x, (list, str)) for x in parsed):
+                    out.extend(parsed)
+                    continue
+                item = parsed
+            out.append(item)
+        return out
 
     @field_validator("display_name")
     @classmethod

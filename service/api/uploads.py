@@ -25,6 +25,7 @@ json.loads takes 0.03 s. Multipart already streams, so large uploads have a way 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -143,7 +144,9 @@ async def _read_json(request: Request) -> Any:
     try:
         text = buffer.decode("utf-8")
         del buffer[:]  # one copy at a time: the bytes go before the parse makes its objects
-        return json.loads(text)
+        # Off the event loop: a 32 MiB body parses for a good part of a second, and every other request
+        # (health checks included) would wait for it.
+        return await asyncio.to_thread(json.loads, text)
     except RecursionError:
         # The C parser recurses once per level: `[[[[...` a few thousand deep exhausts the stack limit.
         raise InvalidParameter("the JSON body is nested too deeply") from None
@@ -169,17 +172,32 @@ async def read_request(
     list_field: str | None = None,
     max_images: int = 1,
     max_image_bytes: int,
+    repeatable: tuple[str, ...] = (),
 ) -> AsyncIterator[ParsedRequest[Options]]:
     """Parse the body (multipart or JSON) and query into images and validated options, for the `async with`
     block (multipart images are read from their spooled files until it ends).
 
     `images` names single-image fields, `list_field` one field that may repeat (up to `max_images`),
-    `required` those that must be present. Options are validated against `options_model`; failures raise
-    RequestValidationError, which the app maps to 422 invalid_parameter like any other.
+    `required` those that must be present. A text option given twice (form fields, query parameters) is 422,
+    except those in `repeatable`, whose values are collected into a list. Options are validated against
+    `options_model`; failures raise RequestValidationError, which the app maps to 422 invalid_parameter.
     """
     image_fields = set(images) | ({list_field} if list_field else set())
     found: dict[str, list[ImageUpload]] = {}
-    raw: dict[str, Any] = dict(request.query_params)
+    raw: dict[str, Any] = {}
+
+    def option(key: str, value: Any) -> None:
+        # A repeated option would otherwise keep only its last value: an embedding silently dropped.
+        if key in repeatable:
+            raw.setdefault(key, []).append(value)
+        elif key in raw:
+            raise InvalidParameter(f"{key} given more than once", details={"field": key})
+        else:
+            raw[key] = value
+
+    for key, value in request.query_params.multi_items():
+        option(key, value)
+    from_query = set(raw)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
 
     form = None
@@ -199,7 +217,10 @@ async def read_request(
                 elif isinstance(value, UploadFile):
                     raise InvalidParameter(f"unexpected file field {key!r}", details={"field": key})
                 else:
-                    raw[key] = value
+                    if key in from_query:  # a body field wins over a query parameter of the same name
+                        from_query.discard(key)
+                        del raw[key]
+                    option(key, value)
         elif is_json(content_type):
             _read_json_fields(await _read_json(request), image_fields, list_field, max_images, max_image_bytes,
                               found, raw)
@@ -218,7 +239,8 @@ async def read_request(
                 details={"field": list_field, "max_images": max_images},
             )
         try:
-            options = options_model.model_validate(raw)
+            # Off the event loop too: a long candidate list takes a while to validate.
+            options = await asyncio.to_thread(options_model.model_validate, raw)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         yield ParsedRequest(found, options)
