@@ -187,7 +187,8 @@ def prepare_database(
                 except psycopg.errors.InsufficientPrivilege:
                     raise GallerySetupError(
                         f"FACE_GALLERY_URL: pgvector is not enabled in {redact(url)} and this user may not "
-                        "enable it: run `CREATE EXTENSION vector;` there as its owner"
+                        "enable it (pgvector is not a trusted extension): run `CREATE EXTENSION vector;` in that "
+                        "database as a superuser"
                     ) from None
             exists = conn.execute("SELECT to_regclass('facerec_schema') IS NOT NULL").fetchone()[0]
             if not exists:

@@ -146,6 +146,41 @@ def test_the_server_refuses_a_gallery_it_cannot_use(models_dir, postgres, databa
         assert "Traceback" not in done.stderr
 
 
+def test_a_database_without_pgvector_is_refused_until_a_superuser_enables_it(models_dir, postgres, database) -> None:
+    """The usual production set-up: the service's role owns its database but is no superuser, and pgvector is not
+    a trusted extension, so the service cannot enable it itself. It must say so (exit 2, naming the setting), not
+    fail later on the first query; once a superuser ran CREATE EXTENSION, the same role starts."""
+    require_default_models(models_dir)
+    role = f"facerec_app_{os.getpid()}"
+    name = psycopg.conninfo.conninfo_to_dict(database)["dbname"]
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+    as_role = database.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+    assert as_role != database
+    try:
+        with psycopg.connect(as_role) as conn:  # the database has no pgvector, and this role may not add it
+            assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'").fetchone() == (0,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE EXTENSION vector")
+        with pytest.raises(GallerySetupError, match="FACE_GALLERY_URL: pgvector is not enabled"):
+            PostgresGallery(as_role, MODEL, D)
+        done = _serve(models_dir, as_role)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "FACE_GALLERY_URL" in done.stderr and "pgvector is not enabled" in done.stderr, done.stderr[-2000:]
+        assert "CREATE EXTENSION vector" in done.stderr and "Traceback" not in done.stderr
+
+        with psycopg.connect(database, autocommit=True) as conn:  # the superuser enables it
+            conn.execute("CREATE EXTENSION vector")
+        with PostgresGallery(as_role, MODEL, D) as gallery:
+            gallery.enroll("alice", unit(np.random.default_rng(2).normal(size=(1, D))))
+            assert gallery.count_faces() == 1
+    finally:
+        postgres.drop_database(database)
+        with psycopg.connect(postgres.url(), autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
 def test_counts_follow_own_writes_at_once_and_other_replicas_within_a_second(database) -> None:
     from service.pg_gallery import COUNT_REUSE_S
 
