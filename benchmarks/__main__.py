@@ -177,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             requests=3 if quick else 60,
         )
 
+    # 4c. Enrolment rate into each store; /identify with one and two replicas on one database.
+    from benchmarks import scale_out
+
+    print("\nenrolment rate per store; /identify throughput with one and two replicas on one PostgreSQL database")
+    scale = scale_out.run(args.models_dir, suites.jpeg(portrait_a), faces=500 if quick else 100_000,
+                          enrolments=20 if quick else 300, http_requests=4 if quick else 60,
+                          identify_requests=4 if quick else 120)
+
     # 5. JPEG decoding libraries.
     decoders = suites.jpeg_decoders(args.photos / "pairs" / "img1.jpg", 3 if quick else 20)
     print("\nJPEG decoding (bytes -> BGR array, one thread)")
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
                      galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
-                     decoders)
+                     decoders, scale)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -240,10 +248,20 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
     ]
 
 
+def kept_section(path: Path, heading: str) -> list[str]:
+    """A section another, longer command writes (benchmarks/pg_index_options.py), carried over as it stands."""
+    text = path.read_text().splitlines() if path.exists() else []
+    if heading not in text:
+        return []
+    start = text.index(heading)
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+    return [*text[start:end], ""] if text[end - 1:end] != [""] else text[start:end]
+
+
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
-                 decoders=()) -> None:
-    from benchmarks import pg_search
+                 decoders=(), scale=None) -> None:
+    from benchmarks import pg_index_options, pg_search, scale_out
     from benchmarks.embedder_graphs import report as graphs_report
 
     lines = [
@@ -316,6 +334,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
                 for g, i in zip(galleries, identify)]),
         "",
         *pg_search.report_lines(list(pg_rows), list(pg_http), table),
+        *kept_section(path, pg_index_options.SECTION),
+        *scale_out.report_lines(scale, table),
         *(jpeg_decoders_section(decoders) if decoders else []),
         "## The peer: face_recognition 1.3.0 (dlib)",
         "",
