@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.pgdata.mkdir(parents=True, exist_ok=True)
     bench = Bench(a.pgdata)
-    if a.step == "stop":
-        bench.server.cleanup()
+    if a.step == "stop":  # a fast shutdown by the postmaster's pid (pg_ctl refuses to run as root)
+        import signal
+
+        os.kill(int((a.pgdata / "data" / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
         return 0
     if a.step == "load":
         bench.load(a.models_dir, a.lfw, a.args or ["syn", "lfw"])

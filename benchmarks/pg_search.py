@@ -276,9 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--ef", default="40,100,200")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--out", type=Path, help="update this section of that Markdown file (BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    run(tuple(int(s) for s in args.sizes.split(",")), tuple(int(e) for e in args.ef.split(",")), args.queries)
+    import os
+
+    from benchmarks.__main__ import table
+    from benchmarks.harness import replace_section
+
+    started, load_before = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()[0]
+    rows, http = run(tuple(int(s) for s in args.sizes.split(",")), tuple(int(e) for e in args.ef.split(",")),
+                     args.queries)
     # (alone, no server: `python -m benchmarks` adds /identify over HTTP)
+    if args.out:
+        lines = report_lines(rows, http, table)
+        lines[1:1] = ["", (f"Measured on {started} UTC by `python -m benchmarks.pg_search --sizes {args.sizes} --ef "
+                           f"{args.ef} --out BENCHMARKS.md` alone (`make bench` regenerates it with the rest), on a "
+                           f"busy machine: load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+                           "from other work on its 2 cores.")]
+        replace_section(args.out, lines)
     return 0
 
 

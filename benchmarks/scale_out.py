@@ -145,7 +145,9 @@ def report_lines(out: dict | None, table) -> list[str]:
     return [
         "## Enrolment rate and replicas on one database",
         "",
-        (f"Enrolment in the store: `enroll` called directly on a gallery already holding {out['faces']:,} faces, "
+        (f"Enrolment in the store: `enroll` called directly on a gallery already holding {out['faces']:,} faces "
+         f"(SQLite: one face per identity; PostgreSQL: the clustered gallery, {out['faces'] // 4:,} identities of 4 "
+         "faces, so as many templates in its graph), "
          "one caller, one new identity with one face per call, each a transaction committed to disk before it "
          "returns (both stores; PostgreSQL also inserts the new template into the HNSW graph). POST /enroll: one 640x480 "
          f"portrait per request, {out['clients']} clients, `python -m service` on each store (detection, "
