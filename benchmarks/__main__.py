@@ -177,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             requests=3 if quick else 60,
         )
 
+    # 4c. Enrolment rate into each store; /identify with one and two replicas on one database.
+    from benchmarks import scale_out
+
+    print("\nenrolment rate per store; /identify throughput with one and two replicas on one PostgreSQL database")
+    scale = scale_out.run(args.models_dir, suites.jpeg(portrait_a), faces=500 if quick else 100_000,
+                          enrolments=20 if quick else 300, http_requests=4 if quick else 60,
+                          identify_requests=4 if quick else 120)
+
     # 5. JPEG decoding libraries.
     decoders = suites.jpeg_decoders(args.photos / "pairs" / "img1.jpg", 3 if quick else 20)
     print("\nJPEG decoding (bytes -> BGR array, one thread)")
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
                      galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
-                     decoders)
+                     decoders, scale)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -245,8 +253,10 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
 KEPT_SECTIONS = ("## Bulk import",)
 
 
-def kept_sections(path: Path) -> list[str]:
-    """The KEPT_SECTIONS of the report at `path`, each up to the next `## ` heading, as lines."""
+def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list[str]:
+    """The sections of the report at `path` whose headings start with one of `headings`, each up to the next
+    `## ` heading, as lines: what longer, separate commands wrote (benchmarks/gallery_import.py,
+    benchmarks/pg_index_options.py), carried over as it stands."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
@@ -255,7 +265,7 @@ def kept_sections(path: Path) -> list[str]:
     keeping = False
     for line in lines:
         if line.startswith("## "):
-            keeping = line.startswith(KEPT_SECTIONS)
+            keeping = line.startswith(headings)
         if keeping:
             kept.append(line)
     return kept + [""] if kept and kept[-1] else kept
@@ -263,8 +273,8 @@ def kept_sections(path: Path) -> list[str]:
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
-                 decoders=()) -> None:
-    from benchmarks import pg_search
+                 decoders=(), scale=None) -> None:
+    from benchmarks import pg_index_options, pg_search, scale_out
     from benchmarks.embedder_graphs import report as graphs_report
 
     lines = [
@@ -337,6 +347,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
                 for g, i in zip(galleries, identify)]),
         "",
         *pg_search.report_lines(list(pg_rows), list(pg_http), table),
+        *kept_sections(path, (pg_index_options.SECTION,)),
+        *scale_out.report_lines(scale, table),
         *(jpeg_decoders_section(decoders) if decoders else []),
         "## The peer: face_recognition 1.3.0 (dlib)",
         "",

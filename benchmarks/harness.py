@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,12 +142,15 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds > 0 else float("nan")
 
 
-def load(url: str, make_request: Callable, concurrency: int, requests: int, warmup: int = 2) -> LoadResult:
+def load(url: str | Sequence[str], make_request: Callable, concurrency: int, requests: int, warmup: int = 2
+         ) -> LoadResult:
     """Closed loop: `concurrency` threads, each with its own keep-alive connection, send `requests` in all,
-    each thread its next request as soon as the last one answered. make_request(client) -> httpx.Response."""
+    each thread its next request as soon as the last one answered. make_request(client) -> httpx.Response.
+    Given several URLs (replicas), the threads' connections go to them in turn, as a round-robin proxy's would."""
     import httpx
 
-    clients = [httpx.Client(base_url=url, timeout=120) for _ in range(concurrency)]
+    urls = [url] if isinstance(url, str) else list(url)
+    clients = [httpx.Client(base_url=urls[i % len(urls)], timeout=120) for i in range(concurrency)]
     try:
         for client in clients:  # open every connection and warm the server's paths, untimed
             for _ in range(warmup if client is clients[0] else 1):
@@ -182,3 +185,16 @@ def load(url: str, make_request: Callable, concurrency: int, requests: int, warm
         for client in clients:
             client.close()
     return LoadResult(concurrency, len(samples), errors[0], seconds, Timing(np.array(samples)))
+
+
+def replace_section(path: Path, lines: list[str]) -> None:
+    """Put a Markdown section (lines[0] is its `## ` heading) into a file in place of its earlier version, or at
+    the end: for the benchmarks that run alone and update their part of BENCHMARKS.md."""
+    text = path.read_text().splitlines() if path.exists() else []
+    start = next((i for i, line in enumerate(text) if line == lines[0]), None)
+    if start is None:
+        text += ["", *lines]
+    else:
+        end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+        text[start:end] = lines
+    path.write_text("\n".join(text).rstrip("\n") + "\n")

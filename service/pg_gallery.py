@@ -69,8 +69,21 @@ from service.gallery import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# hnsw.ef_search: candidates the index returns per query. Recall against exact search is measured by
-# `python -m benchmarks` (BENCHMARKS.md); 100 is pgvector's own recommendation for high recall.
+# The HNSW graph of each model's templates, and hnsw.ef_search, the candidates a query explores. Chosen by
+# measurement at 1,000,000 faces (250,000 templates; BENCHMARKS.md, "Index options at 1M faces", from
+# `python -m benchmarks.pg_index_options`, on 2 busy cores). pgvector's default graph (m 16, ef_construction 64)
+# missed a quarter of the enrolled people exact search finds on the clustered synthetic gallery at ef_search 100
+# (match recall 0.76) and still 2.4 % at 400 (41 ms). This denser graph finds all of them at ef_search 100
+# (1.0; 0.976 at 60), and on a gallery shaped like real embeddings (lfw-dev's statistics) it puts the same
+# identity first as exact search for every query at any ef_search from 40 (recall@5 0.98 at 100, 0.997 at 200).
+# Its price: a 1M-face build takes ~25 min instead of ~4-7 on those 2 busy cores, the index is 1.4 kB per
+# identity, and an enrolment's insert explores 200 candidates. Search p50 at ef_search 100: 13-19 ms when the
+# server's shared_buffers hold the index, 27-28 ms with PostgreSQL's default 128 MB. Recall@5 stays below 0.99
+# at any ef_search within 20 ms (places 2-5 at 250,000 identities are strangers with near-equal scores).
+# IVFFlat was no alternative: at lists 1000 it needed 64 probes (12 ms) for match recall 0.91, and its lists
+# must be rebuilt as a gallery grows from empty.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
 EF_SEARCH = 100
 COUNT_REUSE_S = 1.0  # how long count_faces / count_searchable_identities reuse a count (see _recent_count)
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search; past it, the exact fallback answers
@@ -154,15 +167,32 @@ def _connection_options(url: str, timeout_s: float) -> dict[str, Any]:
 
 def create_model_index(conn: psycopg.Connection, model_sha256: str, embedding_size: int) -> None:
     """The HNSW index (cosine) of one embedder's templates: partial, so that its searches never see other
-    models'."""
+    models'. An index left by an earlier release with other graph settings is kept (rebuilding a million rows
+    takes many minutes of the database's CPU, not something to do by surprise at start-up); a warning gives the
+    statements that rebuild it."""
     if not _SHA256.fullmatch(model_sha256):
         raise ValueError(f"not a sha256: {model_sha256!r}")
+    name = _index_name(model_sha256)
     conn.execute(
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON templates USING hnsw ((total::vector({})) vector_cosine_ops) "
-            "WHERE model_sha256 = {}"
-        ).format(sql.Identifier(_index_name(model_sha256)), int(embedding_size), sql.Literal(model_sha256))
+            "WITH (m = {}, ef_construction = {}) WHERE model_sha256 = {}"
+        ).format(sql.Identifier(name), int(embedding_size), HNSW_M, HNSW_EF_CONSTRUCTION,
+                 sql.Literal(model_sha256))
     )
+    row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = %s", (name,)).fetchone()
+    built = dict(option.split("=", 1) for option in (row[0] or ())) if row else {}
+    wanted = {"m": str(HNSW_M), "ef_construction": str(HNSW_EF_CONSTRUCTION)}
+    if {k: built.get(k) for k in wanted} != wanted:
+        settings = ", ".join(f"{k} = {v}" for k, v in wanted.items())
+        log.warning(
+            "gallery: the HNSW index %s was built with %s, not this release's %s, so searches in a large gallery "
+            "find fewer of the people exact search finds (BENCHMARKS.md). Rebuild it while the service keeps "
+            "serving: ALTER INDEX %s SET (%s); REINDEX INDEX CONCURRENTLY %s; (in a session with "
+            "maintenance_work_mem large enough for the graph, about 1.5 kB per identity, or it builds far slower)",
+            name, ", ".join(row[0]) if row and row[0] else "pgvector's defaults (m 16, ef_construction 64)",
+            settings, name, settings, name,
+        )
 
 
 def prepare_database(
@@ -194,7 +224,8 @@ def prepare_database(
                 except psycopg.errors.InsufficientPrivilege:
                     raise GallerySetupError(
                         f"FACE_GALLERY_URL: pgvector is not enabled in {redact(url)} and this user may not "
-                        "enable it: run `CREATE EXTENSION vector;` there as its owner"
+                        "enable it (pgvector is not a trusted extension): run `CREATE EXTENSION vector;` in that "
+                        "database as a superuser"
                     ) from None
             exists = conn.execute("SELECT to_regclass('facerec_schema') IS NOT NULL").fetchone()[0]
             if not exists:

@@ -192,6 +192,14 @@ class Settings(BaseSettings):
         description="PostgreSQL gallery: longest wait for a database connection or statement before a 503 "
         "`not_ready` answer, in seconds.",
     )
+    gallery_ef_search: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="PostgreSQL gallery: hnsw.ef_search, the candidates each search explores in the HNSW index "
+        "(at least top_k). More finds more of what exact search finds, and takes longer. Unset: the service's "
+        "measured default (service/pg_gallery.py EF_SEARCH; BENCHMARKS.md).",
+    )
 
     # --- compute ------------------------------------------------------------------------------------
     # Unset thread counts are sized to the CPUs this process may use: FACE_INFERENCE_WORKERS requests run

@@ -51,12 +51,13 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
     printed = capsys.readouterr().out
     # Every HTTP load line reports its error count: all must be zero ("10 errors" must not pass for "0 errors").
     error_counts = [int(n) for n in re.findall(r"(\d+) errors\)", printed)]
-    # 6 loads of /detect and /verify, 1 of /identify on the PostgreSQL gallery
-    assert len(error_counts) == 7 and error_counts == [0] * 7, printed
+    # 6 loads of /detect and /verify, 1 of /identify on the PostgreSQL gallery, /enroll on each store, /identify
+    # on one and on two replicas
+    assert len(error_counts) == 11 and error_counts == [0] * 11, printed
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
     for heading in ("## Detector", "## Embedder", "## Embedder graph", "## HTTP", "## 1:N identification",
-                    "## The peer", "## 1:N identification in PostgreSQL"):
+                    "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas"):
         assert heading in report
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report

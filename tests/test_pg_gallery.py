@@ -105,6 +105,44 @@ def test_a_newer_schema_is_refused(database) -> None:
         PostgresGallery(database, MODEL, D)
 
 
+def test_the_index_has_the_shipped_graph_settings_and_an_older_one_is_named_with_its_fix(database, caplog) -> None:
+    from service.pg_gallery import HNSW_EF_CONSTRUCTION, HNSW_M, _index_name
+
+    index = _index_name(MODEL)
+    wanted = [f"m={HNSW_M}", f"ef_construction={HNSW_EF_CONSTRUCTION}"]
+
+    def options() -> list[str] | None:
+        with psycopg.connect(database) as conn:
+            return conn.execute("SELECT reloptions FROM pg_class WHERE relname = %s", (index,)).fetchone()[0]
+
+    with caplog.at_level("WARNING", logger="service.pg_gallery"), PostgresGallery(database, MODEL, D):
+        pass
+    assert options() == wanted and "was built with" not in caplog.text
+
+    # An index an earlier release built with pgvector's defaults: kept (no surprise rebuild at start-up), named in
+    # a warning whose statements, run as given, bring it to the shipped settings.
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX {index}")
+        conn.execute(f"CREATE INDEX {index} ON templates USING hnsw ((total::vector({D})) vector_cosine_ops) "
+                     f"WHERE model_sha256 = '{MODEL}'")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="service.pg_gallery"), PostgresGallery(database, MODEL, D) as g:
+        g.enroll("alice", unit(np.random.default_rng(3).normal(size=(1, D))))
+    assert options() is None
+    warning = caplog.text
+    assert f"the HNSW index {index} was built with pgvector's defaults" in warning, warning
+    fix = warning[warning.index("ALTER INDEX"):].split(";")[:2]
+    with psycopg.connect(database, autocommit=True) as conn:
+        for statement in fix:
+            conn.execute(statement)
+    assert options() == wanted
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="service.pg_gallery"), PostgresGallery(database, MODEL, D) as g:
+        (match,) = g.search(unit(np.random.default_rng(3).normal(size=(1, D))), top_k=1)[0]  # alice's face
+        assert match.identity_id == "alice" and match.similarity == pytest.approx(1.0, abs=1e-5)
+    assert "was built with" not in caplog.text
+
+
 def _serve(models_dir: Path, gallery_url: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
@@ -140,6 +178,41 @@ def test_the_server_refuses_a_gallery_it_cannot_use(models_dir, postgres, databa
         assert "Traceback" not in done.stderr
 
 
+def test_a_database_without_pgvector_is_refused_until_a_superuser_enables_it(models_dir, postgres, database) -> None:
+    """The usual production set-up: the service's role owns its database but is no superuser, and pgvector is not
+    a trusted extension, so the service cannot enable it itself. It must say so (exit 2, naming the setting), not
+    fail later on the first query; once a superuser ran CREATE EXTENSION, the same role starts."""
+    require_default_models(models_dir)
+    role = f"facerec_app_{os.getpid()}"
+    name = psycopg.conninfo.conninfo_to_dict(database)["dbname"]
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+    as_role = database.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+    assert as_role != database
+    try:
+        with psycopg.connect(as_role) as conn:  # the database has no pgvector, and this role may not add it
+            assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'").fetchone() == (0,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE EXTENSION vector")
+        with pytest.raises(GallerySetupError, match="FACE_GALLERY_URL: pgvector is not enabled"):
+            PostgresGallery(as_role, MODEL, D)
+        done = _serve(models_dir, as_role)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "FACE_GALLERY_URL" in done.stderr and "pgvector is not enabled" in done.stderr, done.stderr[-2000:]
+        assert "CREATE EXTENSION vector" in done.stderr and "Traceback" not in done.stderr
+
+        with psycopg.connect(database, autocommit=True) as conn:  # the superuser enables it
+            conn.execute("CREATE EXTENSION vector")
+        with PostgresGallery(as_role, MODEL, D) as gallery:
+            gallery.enroll("alice", unit(np.random.default_rng(2).normal(size=(1, D))))
+            assert gallery.count_faces() == 1
+    finally:
+        postgres.drop_database(database)
+        with psycopg.connect(postgres.url(), autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
 def test_counts_follow_own_writes_at_once_and_other_replicas_within_a_second(database) -> None:
     from service.pg_gallery import COUNT_REUSE_S
 
@@ -155,3 +228,23 @@ def test_counts_follow_own_writes_at_once_and_other_replicas_within_a_second(dat
         other.delete_identity("alice")
         assert (other.count_faces(), other.count_searchable_identities()) == (0, 0)
         assert one.search(unit(rng.normal(size=(1, D))), top_k=1) == [[]]  # never a deleted face, counts aside
+
+
+def test_ef_search_comes_from_the_setting(database, monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from service.gallery import open_gallery
+    from service.pg_gallery import EF_SEARCH
+    from service.settings import Settings
+
+    monkeypatch.setenv("FACE_GALLERY_EF_SEARCH", "0")
+    with pytest.raises(ValidationError, match="gallery_ef_search"):
+        Settings()
+    monkeypatch.setenv("FACE_GALLERY_EF_SEARCH", "40")
+    assert Settings().gallery_ef_search == 40
+    with open_gallery(database, MODEL, D, ef_search=40) as g, open_gallery(database, MODEL, D) as default:
+        assert (g.ef_search, default.ef_search) == (40, EF_SEARCH)
+        g.enroll("alice", unit(np.random.default_rng(4).normal(size=(1, D))))
+        with g._connection() as conn, conn.transaction():  # what a search sets, in the search's transaction
+            assert g._search_one(conn, unit(np.ones(D)).astype(np.float32), 5, None)
+            assert conn.execute("SHOW hnsw.ef_search").fetchone() == ("40",)
