@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Busy, PixelBudget
-from service.api import faces, gallery, system
+from service.api import faces, gallery, stream, system
 from service.api.docs import docs_router
 from service.api.runtime import Runtime
 from service.api.schemas import ErrorResponse
@@ -350,10 +350,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.runtime = None
+    app.state.streams_open = 0
 
     app.include_router(system.router)
     app.include_router(faces.router)
     app.include_router(gallery.router)
+    app.include_router(stream.router)
     app.include_router(docs_router(app, public=settings.public_docs))
     if not settings.api_keys:
         _describe_an_open_api(app)
