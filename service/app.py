@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Busy, PixelBudget
 from service.api import faces, gallery, stream, system
-from service.api.docs import docs_router
+from service.api.docs import ASSETS_URL as DOCS_ASSETS_URL
+from service.api.docs import docs_assets, docs_router
 from service.api.runtime import Runtime
 from service.api.schemas import ErrorResponse
 from service.api.uploads import CANDIDATE_BYTES, body_limit, is_json
@@ -357,6 +358,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(gallery.router)
     app.include_router(stream.router)
     app.include_router(docs_router(app, public=settings.public_docs))
+    # Swagger UI's and ReDoc's scripts: the same public bytes for everyone (service.api.docs).
+    app.mount(DOCS_ASSETS_URL, docs_assets(), name="docs-assets")
     if not settings.api_keys:
         _describe_an_open_api(app)
 

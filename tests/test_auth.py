@@ -135,3 +135,22 @@ def test_settings_parse_and_check_keys(models_dir, monkeypatch):
     monkeypatch.setenv("FACE_API_KEYS", "short")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_the_docs_pages_load_nothing_from_another_host(client):
+    """FastAPI's own pages load Swagger UI and ReDoc from a CDN, blank without internet; ours reference only this
+    server, and the assets they name are served (without a key: they are the same public files for everyone)."""
+    import re
+
+    headers = {"X-API-Key": API_KEY}
+    for path, assets in (("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})):
+        page = client.get(path, headers=headers).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page)
+        assert urls and not [u for u in urls if "//" in u], (path, urls)
+        assert "fonts.googleapis" not in page and "cdn" not in page.lower()
+        named = {u.rsplit("/", 1)[-1] for u in urls}
+        assert assets <= named, (path, named)
+        for url in urls:
+            if url.startswith("/docs/assets/"):
+                asset = client.get(url)
+                assert asset.status_code == 200 and len(asset.content) > 1000, url
