@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Busy, PixelBudget
-from service.api import faces, gallery, stream, system
+from service.api import demo, faces, gallery, stream, system
 from service.api.docs import ASSETS_URL as DOCS_ASSETS_URL
 from service.api.docs import docs_assets, docs_router
 from service.api.runtime import Runtime
@@ -360,6 +360,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(docs_router(app, public=settings.public_docs))
     # Swagger UI's and ReDoc's scripts: the same public bytes for everyone (service.api.docs).
     app.mount(DOCS_ASSETS_URL, docs_assets(), name="docs-assets")
+    # The live demo page and its script and stylesheet (service.api.demo): public, like the docs' assets.
+    app.include_router(demo.router)
+    app.mount(demo.ASSETS_URL, demo.demo_assets(), name="demo-assets")
     if not settings.api_keys:
         _describe_an_open_api(app)
 

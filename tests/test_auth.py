@@ -154,3 +154,19 @@ def test_the_docs_pages_load_nothing_from_another_host(client):
             if url.startswith("/docs/assets/"):
                 asset = client.get(url)
                 assert asset.status_code == 200 and len(asset.content) > 1000, url
+
+
+def test_the_demo_page_is_public_and_self_contained(client):
+    """A browser opens /demo without a key (it holds nothing secret; the stream and /enroll it uses ask for the
+    key), and everything the page loads comes from this server."""
+    import re
+
+    page = client.get("/demo")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert {"demo/assets/demo.js", "demo/assets/demo.css"} <= set(urls) and not [u for u in urls if "//" in u]
+    for url in urls:
+        asset = client.get("/" + url)
+        assert asset.status_code == 200 and len(asset.content) > 500, url
+        assert "http://" not in asset.text and "https://" not in asset.text, url
+    assert client.get("/demo/assets/../../settings.py").status_code == 404
