@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     stream_idle_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="A stream that sends nothing for this long is closed (4408)."
     )
+    stream_frames_in_flight: int = Field(
+        1, ge=1, le=16, description="Frames of one stream decoded and searched for faces at once while it is the "
+        "only stream open (more streams: one each). 2 lets one stream use two idle cores; on a busy machine it "
+        "only doubles each frame's time."
+    )
     stream_embed_every: int = Field(
         15, ge=1, le=10_000, description="A tracked face is embedded again after this many processed frames "
         "(sooner when it is clearly larger or sharper than when last embedded)."

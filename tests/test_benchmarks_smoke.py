@@ -82,3 +82,27 @@ def test_peer_runs_when_installed(faces_dir):
     result = suites.peer_suite(frames, suites.fit(couple, 640), repeat=1, cnn_sizes=(), cnn_repeat=1)
     assert result["detectors"][0]["faces"] == 2  # HOG finds the couple
     assert result["descriptor_ms"] is not None
+
+
+def test_tracker_comparison_runs_on_a_few_frames(models_dir, faces_dir, tmp_path, capsys):
+    from benchmarks import tracking
+
+    tracking.detect(models_dir, faces_dir, tmp_path / "d.npz", frames=6)
+    tracking.compare(tmp_path / "d.npz")
+    out = capsys.readouterr().out
+    assert "12 detections over 6 frames" in out  # two heads on every frame
+    assert re.search(r"\| ours \(service/tracking.py\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| head 0: 100.0 % \(1 ids\); "
+                     r"head 1: 100.0 % \(1 ids\) \|", out), out
+
+
+def test_stream_benchmark_runs_on_a_few_frames(models_dir, faces_dir, tmp_path, capsys):
+    pytest.importorskip("websockets")
+    from benchmarks import stream
+
+    stream.main(["--models-dir", str(models_dir), "--photos", str(faces_dir), "--seconds", "0.2",
+                 "--gallery", str(tmp_path / "g.db")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| /stream x1", "| /stream x1, 2 in flight", "| /stream x4", "| /identify x1", "| /identify x4"
+    ]
+    assert all(row.split(" | ")[1] in ("6", "24") for row in rows), rows  # 0.2 s at 30 fps, per client

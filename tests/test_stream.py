@@ -126,6 +126,17 @@ def test_moving_faces_keep_their_track_ids_and_the_enrolled_one_is_named(server:
 def test_a_client_faster_than_the_server_gets_the_newest_frames_and_the_rest_counted_dropped(
     server: Server, scene
 ) -> None:
+    flood(server, scene)
+
+
+def test_two_frames_in_flight_still_answer_in_order_and_count_every_frame(models_dir, tmp_path, scene) -> None:
+    with running_server(models_dir, tmp_path, FACE_STREAM_MAX_FPS="1000", FACE_STREAM_FRAMES_IN_FLIGHT="2") as two:
+        flood(two, scene)
+
+
+def flood(server: Server, scene) -> None:
+    """Send every frame at once; then every frame is answered or counted dropped, answers come in order and the
+    newest frame is answered."""
     before = stream_metrics(server)
     sent = len(scene)
     payloads = [jpeg(frame) for frame, _ in scene]
@@ -191,6 +202,18 @@ def guarded(models_dir: Path, tmp_path_factory) -> Server:
         yield running
 
 
+def no_streams_open(server: Server) -> None:
+    """Wait until the server has let go of every stream (a client's close reaches it a moment later): the guarded
+    server has room for one."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": API_KEY}, timeout=10).text
+        if "face_streams_open 0.0" in text:
+            return
+        time.sleep(0.05)
+    pytest.fail("a closed stream is still counted open after 10 s")
+
+
 def closed_with(url: str, **connect) -> tuple[int, str, dict]:
     with websockets_sync.connect(url, **connect) as ws:
         message = json.loads(ws.recv(timeout=30))
@@ -211,6 +234,7 @@ def test_a_stream_needs_the_api_key_in_any_of_the_ways_a_client_can_send_it(guar
         {"url": ws_url(guarded, f"api_key={API_KEY}")},
     ):
         url = connect.pop("url", ws_url(guarded))
+        no_streams_open(guarded)
         with websockets_sync.connect(url, **connect) as ws:
             assert json.loads(ws.recv(timeout=30))["type"] == "hello"
             if "subprotocols" in connect:
@@ -219,6 +243,7 @@ def test_a_stream_needs_the_api_key_in_any_of_the_ways_a_client_can_send_it(guar
 
 def test_stream_cap_rate_limit_and_idle_timeout(guarded: Server, scene) -> None:
     headers = {"X-API-Key": API_KEY}
+    no_streams_open(guarded)
     with websockets_sync.connect(ws_url(guarded), additional_headers=headers, max_size=2**22) as first:
         assert json.loads(first.recv(timeout=30))["type"] == "hello"
         code, reason, message = closed_with(ws_url(guarded), additional_headers=headers)

@@ -80,6 +80,7 @@ class Frame:
     number: int
     data: bytes
     arrived: float  # perf_counter
+    dispatched: float = 0.0  # perf_counter when its decoding and detection were started
 
 
 def _error(frame: int | None, code: str, message: str, details: dict | None = None) -> dict:
@@ -184,7 +185,16 @@ async def _close(websocket: WebSocket, metrics: Metrics, close_code: int, messag
 
 
 class StreamSession:
-    """One open stream: a receiving task that keeps only the newest waiting frame, and a processing task."""
+    """One open stream, three tasks: receiving (keeps only the newest waiting frame), detecting (decodes and
+    detects up to `depth` frames at once, in the inference pool) and finishing (tracks, embeds, searches and
+    answers them one at a time, in arrival order: the tracker needs them in order).
+
+    Why more than one frame at a time: one frame at a time, a stream uses one inference worker, one core, and
+    detection is most of a frame's cost. With FACE_STREAM_FRAMES_IN_FLIGHT = 2 a stream that is the only one open
+    can keep two workers busy; with other streams open each has one frame in flight, since extra frames would
+    only queue in the shared pool and add to everyone's latency. The default is 1: on a busy machine, where no
+    core is idle, two frames in flight took twice as long each (BENCHMARKS.md, "Video streams").
+    """
 
     def __init__(self, websocket: WebSocket, runtime: Runtime, options: StreamOptions):
         self.ws = websocket
@@ -197,6 +207,8 @@ class StreamSession:
         self.wake = asyncio.Event()
         self.received = self.processed = self.dropped = self.rate_limited = 0
         self.send_lock = asyncio.Lock()
+        self.in_flight = 0  # frames dispatched and not answered yet
+        self.detected: asyncio.Queue[tuple[Frame, asyncio.Future]] = asyncio.Queue()
         # Token bucket for FACE_STREAM_MAX_FPS: one second of burst.
         self.tokens = self.settings.stream_max_fps
         self.refilled = time.monotonic()
@@ -215,14 +227,19 @@ class StreamSession:
                 },
             }
         )
-        receiving = asyncio.create_task(self.receive_frames())
-        processing = asyncio.create_task(self.process_frames())
+        tasks = {
+            asyncio.create_task(self.receive_frames()),
+            asyncio.create_task(self.detect_frames()),
+            asyncio.create_task(self.finish_frames()),
+        }
         try:
-            done, _ = await asyncio.wait({receiving, processing}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (receiving, processing):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(receiving, processing, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            while not self.detected.empty():  # detections still running for frames nobody will answer
+                self.detected.get_nowait()[1].cancel()
         for task in done:
             error = task.exception()
             if isinstance(error, StreamRefused):
@@ -278,27 +295,53 @@ class StreamSession:
             self.pending = Frame(number, data, time.perf_counter())
             self.wake.set()
 
-    async def process_frames(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            frame, self.pending = self.pending, None
-            if frame is None:
-                continue
-            try:
-                answer = await self.answer(frame)
-            except FaceServiceError as exc:
-                self.metrics.stream_frames.labels("failed").inc()
-                await self.send(_error(frame.number, exc.code, exc.message, exc.details))
-                continue
-            await self.send(answer)
-            self.metrics.stream_frames.labels("processed").inc()
-            self.metrics.stream_latency.observe(time.perf_counter() - frame.arrived)
+    def _depth(self) -> int:
+        alone = self.ws.app.state.streams_open <= 1
+        return self.settings.stream_frames_in_flight if alone else 1
 
-    async def answer(self, frame: Frame) -> dict:
-        started = time.perf_counter()
+    async def detect_frames(self) -> None:
+        while True:
+            while self.pending is None or self.in_flight >= self._depth():
+                self.wake.clear()
+                await self.wake.wait()  # set by a new frame, and by each answered one
+            frame, self.pending = self.pending, None
+            frame.dispatched = time.perf_counter()
+            self.in_flight += 1
+            detecting = asyncio.ensure_future(self.runtime.infer(self._detect, frame.data))
+            self.detected.put_nowait((frame, detecting))
+
+    async def finish_frames(self) -> None:
+        while True:
+            frame, detecting = await self.detected.get()
+            try:
+                try:
+                    image, faces = await detecting
+                    answer = await self.answer(frame, image, faces)
+                except FaceServiceError as exc:
+                    self.metrics.stream_frames.labels("failed").inc()
+                    await self.send(_error(frame.number, exc.code, exc.message, exc.details))
+                    continue
+                await self.send(answer)
+                self.metrics.stream_frames.labels("processed").inc()
+                self.metrics.stream_latency.observe(time.perf_counter() - frame.arrived)
+            finally:
+                self.in_flight -= 1
+                self.wake.set()
+
+    def _detect(self, data: bytes) -> tuple[np.ndarray, list[Face]]:
+        """On an inference thread: decode and detect (the part of a frame that runs `depth` frames at once)."""
+        settings, options, runtime = self.settings, self.options, self.runtime
+        image = runtime.pipeline.decode(data, max_bytes=settings.stream_max_frame_bytes,
+                                        max_pixels=settings.stream_max_frame_pixels)
+        score = options.min_score if options.min_score is not None else settings.detection_score_threshold
+        limit = min(options.max_faces or settings.max_faces, settings.max_faces)
+        faces = runtime.pipeline.detect(image, score_threshold=score, min_face_size=options.min_face_size,
+                                        max_faces=limit)
+        return image, faces
+
+    async def answer(self, frame: Frame, image: np.ndarray, faces: list[Face]) -> dict:
         self.processed += 1
-        size, faces, tracks, embedded = await self.runtime.infer(self._analyse, frame.data, self.processed)
+        tracks, embedded = await self.runtime.infer(self._track, image, faces, self.processed)
         if self.options.identify:
             await self._search(tracks, embedded)
         out = [
@@ -312,38 +355,32 @@ class StreamSession:
         ]
         return StreamFrame(
             frame=frame.number,
-            image=ImageInfo(width=size[1], height=size[0]),
+            image=ImageInfo(width=image.shape[1], height=image.shape[0]),
             faces=out,
             dropped=self.dropped,
             rate_limited=self.rate_limited,
-            queued_ms=round((started - frame.arrived) * 1000, 2),
-            process_ms=round((time.perf_counter() - started) * 1000, 2),
+            queued_ms=round((frame.dispatched - frame.arrived) * 1000, 2),
+            process_ms=round((time.perf_counter() - frame.dispatched) * 1000, 2),
         ).model_dump()
 
-    def _analyse(self, data: bytes, number: int) -> tuple[tuple[int, ...], list[Face], list[Track], set[int]]:
-        """On an inference thread: decode, detect, track, and embed the faces that need it."""
-        settings, options, runtime = self.settings, self.options, self.runtime
-        image = runtime.pipeline.decode(data, max_bytes=settings.stream_max_frame_bytes,
-                                max_pixels=settings.stream_max_frame_pixels)
-        score = options.min_score if options.min_score is not None else settings.detection_score_threshold
-        limit = min(options.max_faces or settings.max_faces, settings.max_faces)
-        faces = runtime.pipeline.detect(image, score_threshold=score, min_face_size=options.min_face_size, max_faces=limit)
+    def _track(self, image: np.ndarray, faces: list[Face], number: int) -> tuple[list[Track], set[int]]:
+        """On an inference thread, one frame at a time in arrival order: track, and embed the faces that need it."""
         boxes = np.array([f.box for f in faces], np.float32).reshape(-1, 4)
         points = np.array([f.landmarks for f in faces], np.float32).reshape(-1, 5, 2)
         tracks = self.tracker.update(number, boxes, points)
         chosen: list[tuple[Face, Track, float, float]] = []
-        if options.identify and faces:
+        if self.options.identify and faces:
             green = image[..., 1]  # sharpness needs one channel, not a colour conversion
             for face, track in zip(faces, tracks):
                 sharp = sharpness(green, face.box)
                 if self.tracker.needs_embedding(track, number, face.area, sharp):
                     chosen.append((face, track, face.area, sharp))
-            runtime.pipeline.embed(image, [face for face, *_ in chosen])
+            self.runtime.pipeline.embed(image, [face for face, *_ in chosen])
             for face, track, area, sharp in chosen:
                 self.tracker.add_embedding(track, face.embedding, number, area, sharp)
         self.metrics.faces.inc(len(faces))
         self.metrics.stream_embeddings.inc(len(chosen))
-        return image.shape, faces, tracks, {track.track_id for _, track, *_ in chosen}
+        return tracks, {track.track_id for _, track, *_ in chosen}
 
     async def _search(self, tracks: list[Track], embedded: set[int]) -> None:
         """Search the gallery for the tracks with a new embedding, and for those last searched RESEARCH_S ago."""
