@@ -5,8 +5,8 @@ Association is greedy on a cost of 1 - IoU plus the distance between landmark ce
 track's position first moved on by its last velocity: a face walking across the frame still overlaps where it
 is predicted to be. A pair is allowed when the IoU is high enough or the centres are close enough; faces of a
 video are few (tens at most), so greedy matching on the sorted costs is as good as the Hungarian method here and
-needs no scipy. Why not a library: BENCHMARKS.md ("Face tracking") measured norfair's per-frame cost against
-this one's.
+needs no scipy. Why not a library: BENCHMARKS.md ("Video streams", "Tracker") measured norfair against this one:
+both kept every id and cost far below a detection, but norfair pins numpy < 2, which the service's OpenCV refuses.
 
 A track is born on its first detection and dies after `max_missed` processed frames without one. It is embedded
 when it is born and then only when needed (`needs_embedding`): every `embed_every` frames, or sooner when the

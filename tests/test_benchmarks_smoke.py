@@ -106,3 +106,12 @@ def test_stream_benchmark_runs_on_a_few_frames(models_dir, faces_dir, tmp_path, 
         "| /stream x1", "| /stream x1, 2 in flight", "| /stream x4", "| /identify x1", "| /identify x4"
     ]
     assert all(row.split(" | ")[1] in ("6", "24") for row in rows), rows  # 0.2 s at 30 fps, per client
+
+
+def test_a_rewritten_report_keeps_the_sections_measured_by_their_own_commands(tmp_path):
+    from benchmarks.__main__ import kept_sections
+
+    report = tmp_path / "B.md"
+    report.write_text("# B\n\n## Detector\n\nold\n\n## Video streams\n\nmeasured by hand\n\n## How to reproduce\n\nx\n")
+    assert kept_sections(report) == ["## Video streams", "", "measured by hand", ""]
+    assert kept_sections(tmp_path / "absent.md") == []
