@@ -208,6 +208,12 @@ class StreamSession:
         self.received = self.processed = self.dropped = self.rate_limited = 0
         self.send_lock = asyncio.Lock()
         self.in_flight = 0  # frames dispatched and not answered yet
+        self.last_message = time.monotonic()
+        # One frame at a time, its whole analysis is one job on the inference pool; with more in flight, decoding
+        # and detection are one job (several at once) and tracking and embedding another (in order). Each job is
+        # a hand-over between the event loop and a worker thread, and under load every hand-over waits for the
+        # GIL and the OS scheduler, so the fewer the better.
+        self.split = self.settings.stream_frames_in_flight > 1
         self.detected: asyncio.Queue[tuple[Frame, asyncio.Future]] = asyncio.Queue()
         # Token bucket for FACE_STREAM_MAX_FPS: one second of burst.
         self.tokens = self.settings.stream_max_fps
@@ -231,6 +237,7 @@ class StreamSession:
             asyncio.create_task(self.receive_frames()),
             asyncio.create_task(self.detect_frames()),
             asyncio.create_task(self.finish_frames()),
+            asyncio.create_task(self.watch_idle()),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -263,12 +270,11 @@ class StreamSession:
         return False
 
     async def receive_frames(self) -> None:
-        timeout = self.settings.stream_idle_timeout_s
         while True:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout)
-            except (TimeoutError, asyncio.TimeoutError):
-                raise StreamRefused(CLOSE_IDLE, "idle_timeout", f"no frame for {timeout:g} s") from None
+            # No wait_for per message (a task and a timer each, at up to FACE_STREAM_MAX_FPS a second): the idle
+            # timeout is watched by its own task (watch_idle).
+            message = await self.ws.receive()
+            self.last_message = time.monotonic()
             if message["type"] == "websocket.disconnect":
                 return
             self.received += 1
@@ -293,7 +299,16 @@ class StreamSession:
                 self.dropped += 1
                 self.metrics.stream_frames.labels("dropped").inc()
             self.pending = Frame(number, data, time.perf_counter())
-            self.wake.set()
+            if self.in_flight < self._depth():  # else the answer of the frame in flight wakes the dispatcher
+                self.wake.set()
+
+    async def watch_idle(self) -> None:
+        timeout = self.settings.stream_idle_timeout_s
+        while True:
+            idle = time.monotonic() - self.last_message
+            if idle >= timeout:
+                raise StreamRefused(CLOSE_IDLE, "idle_timeout", f"no frame for {timeout:g} s")
+            await asyncio.sleep(timeout - idle)
 
     def _depth(self) -> int:
         alone = self.ws.app.state.streams_open <= 1
@@ -307,7 +322,10 @@ class StreamSession:
             frame, self.pending = self.pending, None
             frame.dispatched = time.perf_counter()
             self.in_flight += 1
-            detecting = asyncio.ensure_future(self.runtime.infer(self._detect, frame.data))
+            if self.split:
+                detecting = asyncio.ensure_future(self.runtime.infer(self._detect, frame.data))
+            else:
+                detecting = asyncio.ensure_future(self.runtime.infer(self._whole, frame.data))
             self.detected.put_nowait((frame, detecting))
 
     async def finish_frames(self) -> None:
@@ -315,8 +333,7 @@ class StreamSession:
             frame, detecting = await self.detected.get()
             try:
                 try:
-                    image, faces = await detecting
-                    answer = await self.answer(frame, image, faces)
+                    answer = await self.answer(frame, *await detecting)
                 except FaceServiceError as exc:
                     self.metrics.stream_frames.labels("failed").inc()
                     await self.send(_error(frame.number, exc.code, exc.message, exc.details))
@@ -339,9 +356,18 @@ class StreamSession:
                                         max_faces=limit)
         return image, faces
 
-    async def answer(self, frame: Frame, image: np.ndarray, faces: list[Face]) -> dict:
-        self.processed += 1
-        tracks, embedded = await self.runtime.infer(self._track, image, faces, self.processed)
+    def _whole(self, data: bytes) -> tuple[np.ndarray, list[Face], list[Track], set[int]]:
+        image, faces = self._detect(data)
+        self.processed += 1  # safe here: with one frame in flight, no other job of this stream runs
+        return image, faces, *self._track(image, faces, self.processed)
+
+    async def answer(
+        self, frame: Frame, image: np.ndarray, faces: list[Face], tracks: list[Track] | None = None,
+        embedded: set[int] | None = None,
+    ) -> dict:
+        if tracks is None or embedded is None:
+            self.processed += 1
+            tracks, embedded = await self.runtime.infer(self._track, image, faces, self.processed)
         if self.options.identify:
             await self._search(tracks, embedded)
         out = [
