@@ -250,13 +250,13 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
 
 # Sections that other commands measure and record by hand (each says its own command and date): a rewrite of
 # the report keeps them as they are, before "How to reproduce".
-KEPT_SECTIONS = ("## Bulk import",)
+KEPT_SECTIONS = ("## Bulk import", "## Video streams")
 
 
 def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list[str]:
     """The sections of the report at `path` whose headings start with one of `headings`, each up to the next
     `## ` heading, as lines: what longer, separate commands wrote (benchmarks/gallery_import.py,
-    benchmarks/pg_index_options.py), carried over as it stands."""
+    benchmarks/pg_index_options.py, benchmarks/stream.py), carried over as it stands."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
@@ -384,6 +384,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "```sh",
         "make bench                     # installs the [bench] extra and face_recognition, then runs:",
         f"{command.strip()}",
+        'python -m benchmarks.stream --seconds 10   # "Video streams": measured on its own; a rewrite keeps it',
         "make evaluate                  # accuracy: pairs.csv, LFW pairs (folds 6-10), detection agreement",
         "```",
         "",

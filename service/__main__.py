@@ -61,6 +61,9 @@ def main() -> int:
         timeout_keep_alive=5,
         # h11 with a header timeout and JSON answers to malformed framing (service/http_protocol.py).
         http=guarded_protocol(settings.header_timeout_s),
+        # WebSocket /stream: a frame larger than its limit (and some slack for the app's own clear error) is
+        # refused by the protocol with close code 1009 before it is read whole.
+        ws_max_size=settings.stream_max_frame_bytes + 64 * 1024,
     )
     return 0
 

@@ -25,8 +25,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Busy, PixelBudget
-from service.api import faces, gallery, system
-from service.api.docs import docs_router
+from service.api import demo, faces, gallery, stream, system
+from service.api.docs import ASSETS_URL as DOCS_ASSETS_URL
+from service.api.docs import docs_assets, docs_router
 from service.api.runtime import Runtime
 from service.api.schemas import ErrorResponse
 from service.api.uploads import CANDIDATE_BYTES, body_limit, is_json
@@ -350,11 +351,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.runtime = None
+    app.state.streams_open = 0
 
     app.include_router(system.router)
     app.include_router(faces.router)
     app.include_router(gallery.router)
+    app.include_router(stream.router)
     app.include_router(docs_router(app, public=settings.public_docs))
+    # Swagger UI's and ReDoc's scripts: the same public bytes for everyone (service.api.docs).
+    app.mount(DOCS_ASSETS_URL, docs_assets(), name="docs-assets")
+    # The live demo page and its script and stylesheet (service.api.demo): public, like the docs' assets.
+    app.include_router(demo.router)
+    app.mount(demo.ASSETS_URL, demo.demo_assets(), name="demo-assets")
     if not settings.api_keys:
         _describe_an_open_api(app)
 

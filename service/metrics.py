@@ -68,6 +68,32 @@ class Metrics:
             "face_requests_waiting", "Requests queued for image memory (service/admission.py).",
             registry=self.registry,
         )
+        # Video streams (WebSocket /stream, service/api/stream.py).
+        self.streams_open = Gauge("face_streams_open", "WebSocket /stream connections open.", registry=self.registry)
+        self.stream_frames = Counter(
+            "face_stream_frames_total",
+            "Stream frames by outcome: received; processed (answered); dropped (a newer frame replaced it while "
+            "the stream was busy: latest frame wins); rate_limited (over FACE_STREAM_MAX_FPS); failed (an error "
+            "answer: undecodable, too large).",
+            ("outcome",),
+            registry=self.registry,
+        )
+        self.stream_latency = Histogram(
+            "face_stream_frame_seconds",
+            "Stream frames: from receipt to answer sent (queueing included).",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_embeddings = Counter(
+            "face_stream_embeddings_total", "Faces embedded by streams (new tracks and re-embeddings).",
+            registry=self.registry,
+        )
+        self.stream_closes = Counter(
+            "face_stream_closes_total", "Streams closed by the server, by close code.", ("code",),
+            registry=self.registry,
+        )
+        for outcome in ("received", "processed", "dropped", "rate_limited", "failed"):
+            self.stream_frames.labels(outcome)
         for stage in STAGES:  # export every stage from the start, so dashboards see zeros, not gaps
             self.stage_latency.labels(stage)
 

@@ -227,6 +227,33 @@ class Settings(BaseSettings):
         "needs that).",
     )
 
+    # --- video streams (WebSocket /stream) ----------------------------------------------------------
+    stream_max_streams: int = Field(
+        8, ge=0, le=1000, description="Most /stream connections open at once; more are closed with 4429."
+    )
+    stream_max_frame_bytes: int = Field(
+        4 * MB, ge=1024, le=64 * MB, description="Largest encoded frame a stream takes, in bytes."
+    )
+    stream_max_frame_pixels: int = Field(
+        3840 * 2160, ge=64 * 64, description="Largest decoded frame a stream takes (width x height)."
+    )
+    stream_max_fps: float = Field(
+        60.0, gt=0, le=1000, description="Frames per second a stream may send (one second of burst allowed); "
+        "frames beyond are dropped unread and counted as rate_limited."
+    )
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A stream that sends nothing for this long is closed (4408)."
+    )
+    stream_frames_in_flight: int = Field(
+        1, ge=1, le=16, description="Frames of one stream decoded and searched for faces at once while it is the "
+        "only stream open (more streams: one each). 2 lets one stream use two idle cores; on a busy machine it "
+        "only doubles each frame's time."
+    )
+    stream_embed_every: int = Field(
+        15, ge=1, le=10_000, description="A tracked face is embedded again after this many processed frames "
+        "(sooner when it is clearly larger or sharper than when last embedded)."
+    )
+
     # --- server -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "port"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -244,6 +245,30 @@ def test_openapi_documents_both_encodings(client):
     assert spec["paths"]["/identify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     for path in ("/identities", "/identities/{identity_id}", "/health", "/ready", "/metrics", "/models"):
         assert path in spec["paths"]
+
+
+def test_every_reference_in_the_openapi_document_resolves(client):
+    """A `$ref` to a `$defs` the document does not hold (pydantic's nested models, in a hand-built request body)
+    makes ReDoc refuse the whole document: /redoc was a blank error page."""
+    spec = client.get("/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert found  # the walk sees references (responses use components/schemas)
+    for ref in found:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.removeprefix("#/components/schemas/") in spec["components"]["schemas"], ref
+    candidates = spec["paths"]["/identify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "embedding" in json.dumps(candidates["properties"]["candidates"])  # inlined, not lost
 
 
 def test_concurrent_requests_are_all_answered(client, faces_dir):

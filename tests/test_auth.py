@@ -135,3 +135,38 @@ def test_settings_parse_and_check_keys(models_dir, monkeypatch):
     monkeypatch.setenv("FACE_API_KEYS", "short")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_the_docs_pages_load_nothing_from_another_host(client):
+    """FastAPI's own pages load Swagger UI and ReDoc from a CDN, blank without internet; ours reference only this
+    server, and the assets they name are served (without a key: they are the same public files for everyone)."""
+    import re
+
+    headers = {"X-API-Key": API_KEY}
+    for path, assets in (("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})):
+        page = client.get(path, headers=headers).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page)
+        assert urls and not [u for u in urls if "//" in u], (path, urls)
+        assert "fonts.googleapis" not in page and "cdn" not in page.lower()
+        named = {u.rsplit("/", 1)[-1] for u in urls}
+        assert assets <= named, (path, named)
+        for url in urls:
+            if url.startswith("/docs/assets/"):
+                asset = client.get(url)
+                assert asset.status_code == 200 and len(asset.content) > 1000, url
+
+
+def test_the_demo_page_is_public_and_self_contained(client):
+    """A browser opens /demo without a key (it holds nothing secret; the stream and /enroll it uses ask for the
+    key), and everything the page loads comes from this server."""
+    import re
+
+    page = client.get("/demo")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert {"demo/assets/demo.js", "demo/assets/demo.css"} <= set(urls) and not [u for u in urls if "//" in u]
+    for url in urls:
+        asset = client.get("/" + url)
+        assert asset.status_code == 200 and len(asset.content) > 500, url
+        assert "http://" not in asset.text and "https://" not in asset.text, url
+    assert client.get("/demo/assets/../../settings.py").status_code == 404

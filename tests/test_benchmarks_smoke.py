@@ -103,3 +103,36 @@ def test_gallery_import_benchmark_runs(tmp_path, capsys):
     for what in ("| SQLite | import npy | 300 |", "| SQLite | import npy again (all skipped) | 300 |",
                  "| SQLite | import jsonl | 300 |", "| SQLite | enroll() one at a time (baseline) | 5 |"):
         assert what in printed, printed
+
+
+def test_tracker_comparison_runs_on_a_few_frames(models_dir, faces_dir, tmp_path, capsys):
+    from benchmarks import tracking
+
+    tracking.detect(models_dir, faces_dir, tmp_path / "d.npz", frames=6)
+    tracking.compare(tmp_path / "d.npz")
+    out = capsys.readouterr().out
+    assert "12 detections over 6 frames" in out  # two heads on every frame
+    assert re.search(r"\| ours \(service/tracking.py\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| head 0: 100.0 % \(1 ids\); "
+                     r"head 1: 100.0 % \(1 ids\) \|", out), out
+
+
+def test_stream_benchmark_runs_on_a_few_frames(models_dir, faces_dir, tmp_path, capsys):
+    pytest.importorskip("websockets")
+    from benchmarks import stream
+
+    stream.main(["--models-dir", str(models_dir), "--photos", str(faces_dir), "--seconds", "0.2",
+                 "--gallery", str(tmp_path / "g.db")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| /stream x1", "| /stream x1, 2 in flight", "| /stream x4", "| /identify x1", "| /identify x4"
+    ]
+    assert all(row.split(" | ")[1] in ("6", "24") for row in rows), rows  # 0.2 s at 30 fps, per client
+
+
+def test_a_rewritten_report_keeps_the_sections_measured_by_their_own_commands(tmp_path):
+    from benchmarks.__main__ import kept_sections
+
+    report = tmp_path / "B.md"
+    report.write_text("# B\n\n## Detector\n\nold\n\n## Video streams\n\nmeasured by hand\n\n## How to reproduce\n\nx\n")
+    assert kept_sections(report) == ["## Video streams", "", "measured by hand", ""]
+    assert kept_sections(tmp_path / "absent.md") == []

@@ -542,3 +542,46 @@ _ERROR_MEANINGS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses an endpoint can return, all in one shape."""
     return {s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in statuses}
+
+
+# --------------------------------------------------------------------------------------------------
+# Video streams (WebSocket /stream): options from the query string, one answer per processed frame
+# --------------------------------------------------------------------------------------------------
+class StreamOptions(DetectionOptions):
+    identify: bool = Field(True, description="Search the gallery for each track; false: detection and tracking only.")
+    top_k: int = Field(5, ge=1, le=100, description="Most identities returned per track.")
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Override the threshold the FPIR policy would choose (cosine similarity)."
+    )
+    max_faces: int | None = Field(None, ge=1, description="Track at most this many faces per frame (best scores).")
+    embed_every: int | None = Field(
+        None, ge=1, le=10_000, description="Embed a tracked face again after this many processed frames (sooner "
+        "when it is clearly larger or sharper); default FACE_STREAM_EMBED_EVERY."
+    )
+
+
+class TrackIdentity(BaseModel):
+    """Who a track is: the gallery searched with the mean of its last embeddings."""
+
+    embeddings: int = Field(description="How many of the track's embeddings the decision rests on.")
+    threshold: float = Field(description="The threshold the search used.")
+    matches: list[IdentityMatch] = Field(description="As /identify's: best first; empty: nobody we know.")
+
+
+class StreamFace(FaceOut):
+    track_id: int = Field(description="The same while the face stays in view.")
+    embedded: bool = Field(description="The face was embedded on this frame (a new track, or a re-embedding).")
+    identity: TrackIdentity | None = Field(
+        None, description="Null before the track's first search, or with identify=false."
+    )
+
+
+class StreamFrame(BaseModel):
+    type: Literal["frame"] = "frame"
+    frame: int = Field(description="Which received message this answers (1-based, in arrival order).")
+    image: ImageInfo
+    faces: list[StreamFace]
+    dropped: int = Field(description="Frames dropped so far: replaced by a newer one while the stream was busy.")
+    rate_limited: int = Field(description="Frames dropped so far for exceeding FACE_STREAM_MAX_FPS.")
+    queued_ms: float = Field(description="From the frame's arrival to the start of its processing.")
+    process_ms: float = Field(description="Decoding, detection, tracking, embedding and search of this frame.")

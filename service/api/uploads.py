@@ -334,10 +334,24 @@ def openapi_body(
         "multipart/form-data": {"schema": body_schema({**image_props(binary), **form_options})},
         "application/json": {"schema": body_schema({**image_props(base64_), **options})},
     }
-    if "$defs" in schema:  # nested models (none today) would need their definitions
-        for body in content.values():
-            body["schema"]["$defs"] = schema["$defs"]
+    if "$defs" in schema:  # nested models (Candidate in /identify's candidates): inlined where they are used
+        content = _inline_refs(content, schema["$defs"])
     body: dict[str, Any] = {"required": True, "content": content}
     if description:
         body["description"] = description
     return {"requestBody": body}
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace pydantic's `{"$ref": "#/$defs/Name"}` with the definition itself. Left as references they point at
+    a `$defs` the OpenAPI document does not have at its root (it keeps definitions under components/schemas),
+    which ReDoc refuses outright ("Invalid reference token: $defs", a blank /redoc). The models nest one level
+    and never recursively, so inlining terminates."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline_refs(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(value, defs) for value in node]
+    return node
