@@ -250,7 +250,7 @@ def jpeg_decoders_section(rows: list[dict]) -> list[str]:
 
 # Sections that other commands measure and record by hand (each says its own command and date): a rewrite of
 # the report keeps them as they are, before "How to reproduce".
-KEPT_SECTIONS = ("## Bulk import", "## Video streams")
+KEPT_SECTIONS = ("## Bulk import", "## Video streams", "## Embedding the faces of several images")
 
 
 def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list[str]:
