@@ -3,6 +3,7 @@ made worse in known ways, and enrolment refusing them with the right code over H
 
 from __future__ import annotations
 
+import json
 import math
 
 import cv2
@@ -139,3 +140,21 @@ def test_turned_heads_read_as_turned_and_are_refused(client, lfw_dir) -> None:
     left_half = _jpeg(original[:, : int((box[0] + box[2]) / 2)])
     half = client.post("/detect", files={"image": ("f.jpg", left_half)}, params={"quality": "true"}).json()
     assert half["faces"][0]["quality"]["yaw"] < -30
+
+
+def test_one_enrolment_may_set_its_own_minimums(client, faces_dir) -> None:
+    original = cv2.imread(str(faces_dir / "pairs" / "img1.jpg"))
+    small = _jpeg(cv2.resize(original, None, fx=0.08, fy=0.08, interpolation=cv2.INTER_AREA))  # 23 px between eyes
+    assert error_code(_enroll(client, "own-minimums", small)) == "small_face"
+    lowered = _enroll(client, "own-minimums", small, quality_minimums=json.dumps({"face_size": 20}))
+    assert lowered.status_code == 200, lowered.text
+    # Only what is given changes: the same face darkened is still refused for its darkness.
+    dark = _jpeg((original * 0.1).astype(np.uint8))
+    response = _enroll(client, "own-minimums-dark", dark, quality_minimums=json.dumps({"face_size": 20}))
+    assert error_code(response) == "low_brightness"
+    # A stricter minimum applies too, and an unknown or out-of-range one is a 422.
+    assert error_code(_enroll(client, "strict", _jpeg(original), quality_minimums='{"quality": 0.99}')) == "low_quality"
+    assert error_code(_enroll(client, "typo", _jpeg(original), quality_minimums='{"face_sise": 20}')) == (
+        "invalid_parameter")
+    assert error_code(_enroll(client, "range", _jpeg(original), quality_minimums='{"max_yaw": 500}')) == (
+        "invalid_parameter")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from typing import Annotated
 
@@ -65,7 +66,10 @@ async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, option
     face = largest(faces)
     await runtime.embed(image, [face], quality=True)
     if options.check_quality:
-        refuse_poor_face(face.quality, runtime.settings.enroll_minimums)
+        minimums = runtime.settings.enroll_minimums
+        if options.quality_minimums is not None:  # this enrolment's own, where given
+            minimums = dataclasses.replace(minimums, **options.quality_minimums.model_dump(exclude_none=True))
+        refuse_poor_face(face.quality, minimums)
     return face
 
 

@@ -125,6 +125,19 @@ class VerifyOptions(DetectionOptions):
     )
 
 
+class QualityMinimums(BaseModel):
+    """Minimums for one enrolment in place of the server's (FACE_ENROLL_*); those not given keep their setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    face_size: float | None = Field(None, ge=0, description="Least inter-ocular distance, pixels.")
+    max_yaw: float | None = Field(None, ge=0, le=180, description="Most head turn, degrees.")
+    max_pitch: float | None = Field(None, ge=0, le=180, description="Most head tilt, degrees.")
+    sharpness: float | None = Field(None, ge=0, description="Least sharpness.")
+    brightness: float | None = Field(None, ge=0, le=255, description="Least mean grey level.")
+    max_brightness: float | None = Field(None, ge=0, le=255, description="Most mean grey level.")
+    quality: float | None = Field(None, ge=0, le=1, description="Least quality score.")
+
+
 class Candidate(BaseModel):
     """An identity the client holds, to search instead of the gallery."""
 
@@ -179,6 +192,16 @@ class EnrollOptions(DetectionOptions):
         description="Refuse faces below the quality minimums (FACE_ENROLL_MIN_*, FACE_ENROLL_MAX_*). false: "
         "enrol them anyway, e.g. when the photo is the best there is; their signals are stored with the face.",
     )
+    quality_minimums: QualityMinimums | None = Field(
+        None,
+        description="Other minimums for this enrolment only, e.g. {\"face_size\": 20} for a small face that is the "
+        "best photo there is (a JSON object; a JSON string in multipart); those not given keep their setting.",
+    )
+
+    @field_validator("quality_minimums", mode="before")
+    @classmethod
+    def _minimums_text(cls, value):
+        return _json_text(value, "quality_minimums")
     multiple_faces: Literal["reject", "largest"] = Field(
         "reject",
         description="What to do with an image holding several faces: `reject` it (default: enrolling a "

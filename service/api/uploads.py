@@ -303,9 +303,12 @@ def openapi_body(
     schema = options_model.model_json_schema()
     options = schema.get("properties", {})
     needed = [*required, *schema.get("required", [])]
+    # A form field is text: options that are JSON objects (metadata, quality_minimums) or lists of them
+    # (candidates) travel as their JSON.
+    json_text = {"metadata", "quality_minimums", "candidates"}
     form_options = {
         name: ({"type": "string", "description": prop.get("description", "") + " (as a JSON string)."}
-               if name == "metadata" else prop)
+               if name in json_text else prop)
         for name, prop in options.items()
     }
 
