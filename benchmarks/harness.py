@@ -187,6 +187,15 @@ def load(url: str | Sequence[str], make_request: Callable, concurrency: int, req
     return LoadResult(concurrency, len(samples), errors[0], seconds, Timing(np.array(samples)))
 
 
+def write_section_alone(path: Path, lines: list[str], command: str, started: str, load_before: float) -> None:
+    """A section measured by one benchmark run on its own (`make bench` regenerates it with the rest), with a line
+    saying when, by which command, and under what load, put into the report at `path`."""
+    said = (f"Measured on {started} UTC by `{command}` alone (`make bench` regenerates it with the rest): load average "
+            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores.")
+    if lines:
+        replace_section(path, [lines[0], "", said, *lines[1:]])
+
+
 def replace_section(path: Path, lines: list[str]) -> None:
     """Put a Markdown section (lines[0] is its `## ` heading) into a file in place of its earlier version, or at
     the end: for the benchmarks that run alone and update their part of BENCHMARKS.md."""

@@ -281,19 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from benchmarks.__main__ import table
-    from benchmarks.harness import replace_section
+    from benchmarks.harness import write_section_alone
 
     started, load_before = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()[0]
     rows, http = run(tuple(int(s) for s in args.sizes.split(",")), tuple(int(e) for e in args.ef.split(",")),
                      args.queries)
     # (alone, no server: `python -m benchmarks` adds /identify over HTTP)
     if args.out:
-        lines = report_lines(rows, http, table)
-        lines[1:1] = ["", (f"Measured on {started} UTC by `python -m benchmarks.pg_search --sizes {args.sizes} --ef "
-                           f"{args.ef} --out BENCHMARKS.md` alone (`make bench` regenerates it with the rest), on a "
-                           f"busy machine: load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
-                           "from other work on its 2 cores.")]
-        replace_section(args.out, lines)
+        command = f"python -m benchmarks.pg_search --sizes {args.sizes} --ef {args.ef} --out BENCHMARKS.md"
+        write_section_alone(args.out, report_lines(rows, http, table), command, started, load_before)
     return 0
 
 

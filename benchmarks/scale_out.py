@@ -187,19 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from benchmarks.__main__ import table
-    from benchmarks.harness import replace_section
+    from benchmarks.harness import write_section_alone
 
     portrait = suites.jpeg(suites.letterbox(cv2.imread(str(args.photos / "pairs" / "img20.jpg")), 640, 480))
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     load_before = os.getloadavg()
     out = run(args.models_dir, portrait, faces=args.faces)
     if args.out:
-        lines = report_lines(out, table)
-        lines[1:1] = ["", (f"Measured on {started} UTC by `python -m benchmarks.scale_out --out BENCHMARKS.md` alone "
-                           "(`make bench` regenerates it with the rest), on a busy machine: load average "
-                           f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, from other work on its "
-                           "2 cores.")]
-        replace_section(args.out, lines)
+        write_section_alone(args.out, report_lines(out, table), "python -m benchmarks.scale_out --out BENCHMARKS.md",
+                            started, load_before[0])
     return 0
 
 

@@ -168,6 +168,7 @@ def cmd_quality(args) -> int:
         model = q.fit(fa[other], fb[other], similarity[other])
         pair_quality[~other] = np.minimum(q.predict(model, fa[~other]), q.predict(model, fb[~other]))
     curve = q.error_versus_discard(pair_quality, similarity, threshold)
+    correlations = q.signal_correlations([(measured[p.a].signals, measured[p.b].signals) for p in usable], similarity)
     shipped = q.fit(fa, fb, similarity)
     faces = [m.signals for m in measured.values() if m is not None]
     all_f = q.feature_matrix(faces)
@@ -184,6 +185,7 @@ def cmd_quality(args) -> int:
         "pairs_file": str(args.pairs), "embedder": str(settings.embedder_path), "threshold": threshold,
         "same_pairs": len(pairs), "same_pairs_with_both_faces": len(usable), "photos": len(photos),
         "error_versus_discard": curve, "model_fitted_on_all_folds": shipped,
+        "spearman_with_similarity_worse_face": correlations,
         "per_face_percentiles_1_5_50_95_99": per_face, "plot": str(png),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -192,6 +194,8 @@ def cmd_quality(args) -> int:
     for row in curve:
         print(f"  {100 * row['discarded']:8.0f}%  {100 * row['fnmr']:20.3f}%  {100 * row['fnmr_random_discard']:12.3f}%"
               f"  {row['misses_kept']:11d}")
+    print("  Spearman correlation with same-person similarity, the pair's worse face: "
+          + ", ".join(f"{name} {value:+.3f}" for name, value in correlations.items()))
     print("  per face (percentiles 1, 5, 50, 95, 99):")
     for name, values in per_face.items():
         print(f"    {name:18s} " + "  ".join(f"{v:9.3f}" for v in values))

@@ -57,6 +57,23 @@ def measure_photos(pipeline, photos: list[Path], *, face: str, max_pixels: int, 
     return found
 
 
+def signal_correlations(pairs: list[tuple[dict[str, float], dict[str, float]]],
+                        similarity: np.ndarray) -> dict[str, float]:
+    """Spearman correlation of each signal with same-person pairs' similarity, the pair scored by its worse face:
+    the smaller value, or for the pose angles the larger magnitude."""
+    def rank(x: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+
+    out = {}
+    for name in SIGNALS:
+        a = np.array([p[0][name] for p in pairs], dtype=np.float64)
+        b = np.array([p[1][name] for p in pairs], dtype=np.float64)
+        worse = np.maximum(np.abs(a), np.abs(b)) if name in ("yaw", "pitch", "roll") else np.minimum(a, b)
+        worse = np.where(np.isfinite(worse), worse, np.inf if name in ("yaw", "pitch", "roll") else -np.inf)
+        out[name] = float(np.corrcoef(rank(worse), rank(similarity))[0, 1])
+    return out
+
+
 def feature_matrix(signals: list[dict[str, float]]) -> np.ndarray:
     from service.quality import features
 

@@ -199,6 +199,9 @@ def test_quality_on_pairs_csv(default_models, faces_dir, tmp_path, capsys):
     model = summary["model_fitted_on_all_folds"]
     assert set(model) == {"intercept", "log_embedding_norm", "log_face_size", "abs_yaw", "abs_pitch"}
     assert model["log_embedding_norm"] > 0  # longer embeddings, more similar same-person pairs, here too
+    correlations = summary["spearman_with_similarity_worse_face"]
+    assert set(correlations) >= {"embedding_norm", "face_size", "yaw", "sharpness"}
+    assert all(-1 <= value <= 1 for value in correlations.values())
     assert (out / "error_vs_discard.png").read_bytes()[:8] == PNG_MAGIC
     # The photos are measured once: a second run reads them back.
     assert main(["quality", "--pairs", str(faces_dir / "pairs" / "pairs.csv"), "--models-dir", str(default_models),
