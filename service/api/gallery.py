@@ -53,8 +53,7 @@ async def _enrollable_face(runtime: Runtime, upload: ImageUpload, options: Enrol
 
 
 async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, options: EnrollOptions) -> Face:
-    image = await runtime.decode(upload)
-    faces = await runtime.faces(image, options, embed=False)
+    image, faces = await runtime.decode_faces(upload, options, embed=False)
     if not faces:
         raise NoFace(f"images[{upload.index}]: no face found", details=upload.describe())
     if len(faces) > 1 and options.multiple_faces == "reject":

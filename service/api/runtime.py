@@ -159,30 +159,34 @@ class Runtime:
         async with self.admission.reserve(pixels):
             yield
 
-    async def decode(self, upload: ImageUpload) -> np.ndarray:
+    async def decode_faces(
+        self, upload: ImageUpload, options: DetectionOptions, *, embed: bool, max_faces: int | None = None,
+        quality: bool | None = None,
+    ) -> tuple[np.ndarray, list[Face]]:
+        """The upload decoded, and its faces, best score first, at most FACE_MAX_FACES; with embeddings when
+        `embed`, and with their quality when `quality` (default: the request's `quality` option). One trip to an
+        inference worker for both: each trip is a hand-over between threads that a request waits for."""
+        limit = min(max_faces or self.settings.max_faces, self.settings.max_faces)
+        if quality is None:
+            quality = getattr(options, "quality", False)
+        return await self.infer(self._decode_faces, upload, options, embed, limit, quality)
+
+    def _decode_faces(
+        self, upload: ImageUpload, options: DetectionOptions, embed: bool, max_faces: int, quality: bool
+    ) -> tuple[np.ndarray, list[Face]]:
+        image = self._decode(upload)
+        return image, self._faces(image, options, embed, max_faces, quality)
+
+    def _decode(self, upload: ImageUpload) -> np.ndarray:
         """Bytes -> BGR image; an error says which upload it was about (field, index, filename)."""
         try:
-            return await self.infer(self._decode, upload.data)
+            return self.pipeline.decode(
+                upload.data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
+            )
         except FaceServiceError as exc:
             exc.details = {**upload.describe(), **exc.details}
             exc.message = f"{upload.field}{f'[{upload.index}]' if upload.field == 'images' else ''}: {exc.message}"
             raise
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        return self.pipeline.decode(
-            data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
-        )
-
-    async def faces(
-        self, image: np.ndarray, options: DetectionOptions, *, embed: bool, max_faces: int | None = None,
-        quality: bool | None = None,
-    ) -> list[Face]:
-        """Faces in the image, best score first, at most FACE_MAX_FACES; with embeddings when `embed`, and with
-        their quality when `quality` (default: the request's `quality` option)."""
-        limit = min(max_faces or self.settings.max_faces, self.settings.max_faces)
-        if quality is None:
-            quality = getattr(options, "quality", False)
-        return await self.infer(self._faces, image, options, embed, limit, quality)
 
     def _faces(
         self, image: np.ndarray, options: DetectionOptions, embed: bool, max_faces: int, quality: bool
@@ -254,7 +258,9 @@ def _report_unservable_rows(gallery) -> None:
         )
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async, though it awaits nothing: FastAPI runs a plain `def` dependency in its thread pool, a hop through
+    # another thread on every request for what is an attribute lookup.
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise NotReady("the service is starting or stopping; retry shortly")

@@ -1,0 +1,238 @@
+"""Where the time of one /detect and one /verify request goes, against the network's own time.
+
+    python -m benchmarks.request_profile [--models-dir artifacts/models] [--requests 100] [--out BENCHMARKS.md]
+
+Two views of the same requests, in one run:
+
+- In process, on the benchmark's 640x480 frame (`couple.jpg`, two faces) as a JPEG: the thread CPU time of each
+  step the server takes for it (time the thread ran, which other processes on the machine do not inflate),
+  median of `--repeat` rounds, the steps round-robin: JPEG decode (service.images), the detector's input blob,
+  the network (ONNX Runtime, one intra-op thread as the server's workers use), thresholding/decoding/NMS, the
+  answer's JSON. The blob row also times the numpy form of the same normalisation (what the detector did before
+  it used OpenCV's one pass): the "before" of that change, measured beside the "after".
+- Over HTTP, a real `python -m service` (default settings) on a free port, one client on a keep-alive connection
+  (concurrency 1): the client's latency; the server's own time per request (face_http_request_duration_seconds,
+  taken in its outermost middleware); per pipeline stage (face_stage_duration_seconds), as means per request
+  from /metrics before and after. client - server is the transport (TCP on localhost, HTTP parsing, the
+  client); server - stages is multipart parsing, thread-pool hops and the JSON answer.
+
+The issue's yardstick: /detect p50 <= the network's p50 + 6 ms, the network timed in the same run (wall time,
+one thread, on the same frame); /verify p50 <= 45 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import ROOT, ServerProcess, write_section_alone
+
+DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "faces"
+SECTION = "## Where a request's time goes"
+
+
+def inputs(photos: Path) -> tuple[bytes, tuple[bytes, bytes]]:
+    """The /detect frame and the /verify pair, as the main benchmark makes them."""
+    import cv2
+
+    from benchmarks import suites
+
+    couple = cv2.imread(str(photos / "groups" / "couple.jpg"))
+    detect_jpeg = suites.jpeg(suites.frame(couple, 640, 480))
+    pair = tuple(suites.jpeg(suites.letterbox(cv2.imread(str(photos / "pairs" / name)), 640, 480))
+                 for name in ("img20.jpg", "img21.jpg"))
+    return detect_jpeg, pair
+
+
+def _numpy_blob(detector, image: np.ndarray) -> np.ndarray:
+    """The detector's input as it was computed before OpenCV's one pass (no resize: the frame is 640x480)."""
+    if detector.color == "RGB":
+        image = image[..., ::-1]
+    blob = (image.astype(np.float32) - detector.mean) * detector.inv_std
+    return np.ascontiguousarray(blob.transpose(2, 0, 1)[None])
+
+
+def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
+    """Thread CPU ms (median) and wall ms (median, min) per step of a /detect request, round-robin."""
+    from service.api.schemas import DetectResponse, ImageInfo, face_out
+    from service.detector import RetinaFaceDetector
+    from service.images import decode_image
+    from service.onnx_model import session_options
+    from service.pipeline import Pipeline
+
+    detector = RetinaFaceDetector(models_dir / "retinaface_mnet025.onnx", session_options(1, 1))
+    pipeline = Pipeline(detector, embedder=None)  # detection only
+    image = decode_image(detect_jpeg, max_bytes=1 << 30, max_pixels=1 << 30)
+    blob, _ = detector._prepare(image)
+    names = list(detector._output_names)
+    outputs = detector.session.run(names, {"input": blob})
+    faces = pipeline.detect(image)
+    assert np.allclose(_numpy_blob(detector, image), blob, atol=1e-5), "the two blob forms disagree"
+
+    def answer() -> bytes:
+        info = ImageInfo(width=image.shape[1], height=image.shape[0])
+        return DetectResponse(image=info, faces=[face_out(f) for f in faces]).model_dump_json().encode()
+
+    steps = {
+        "JPEG decode (640x480, simplejpeg)": lambda: decode_image(detect_jpeg, max_bytes=1 << 30, max_pixels=1 << 30),
+        "detector input, numpy form (before)": lambda: _numpy_blob(detector, image),
+        "detector input, OpenCV one pass (after)": lambda: detector._prepare(image),
+        "network (ONNX Runtime, 1 thread)": lambda: detector.session.run(names, {"input": blob}),
+        "detect() end to end (input + network + decode + NMS)": lambda: detector.detect(image),
+        "the answer's JSON (pydantic)": answer,
+    }
+    cpu: dict[str, list[float]] = defaultdict(list)
+    wall: dict[str, list[float]] = defaultdict(list)
+    for _ in range(3):
+        for fn in steps.values():
+            fn()
+    for _ in range(repeat):
+        for label, fn in steps.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[label].append(1000 * (time.perf_counter() - t0))
+            cpu[label].append(1000 * (time.thread_time() - c0))
+    rows = [{"step": label, "cpu_ms": float(np.median(cpu[label])), "wall_ms": float(np.median(wall[label])),
+             "wall_min_ms": float(np.min(wall[label]))} for label in steps]
+    by = {r["step"]: r for r in rows}
+    post = by["detect() end to end (input + network + decode + NMS)"]["cpu_ms"] - by[
+        "detector input, OpenCV one pass (after)"]["cpu_ms"] - by["network (ONNX Runtime, 1 thread)"]["cpu_ms"]
+    return {"rows": rows, "network_p50_ms": by["network (ONNX Runtime, 1 thread)"]["wall_ms"],
+            "post_cpu_ms": post, "faces": len(faces), "outputs": [o.shape for o in outputs]}
+
+
+def _scrape(client) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name in ("face_stage_duration_seconds_sum", "face_stage_duration_seconds_count"):
+                out[(s.name, s.labels["stage"])] = s.value
+            elif s.name in ("face_http_request_duration_seconds_sum", "face_http_request_duration_seconds_count"):
+                out[(s.name, s.labels.get("endpoint") or s.labels.get("path") or "")] = s.value
+    return out
+
+
+def over_http(models_dir: Path, detect_jpeg: bytes, pair: tuple[bytes, bytes], requests: int) -> list[dict]:
+    """Client latency, server time and stage means per request for /detect and /verify at concurrency 1."""
+    import httpx
+
+    workdir = Path(tempfile.mkdtemp(prefix="facerec-profile-"))
+    env = {"FACE_MODELS_DIR": str(models_dir.resolve()), "FACE_GALLERY_PATH": str(workdir / "profile.db"),
+           "FACE_LOG_LEVEL": "warning"}
+    results = []
+    with ServerProcess(env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        calls = {
+            "/detect": lambda: client.post("/detect", files={"image": ("frame.jpg", detect_jpeg, "image/jpeg")}),
+            "/verify": lambda: client.post("/verify", files={"image1": ("a.jpg", pair[0], "image/jpeg"),
+                                                             "image2": ("b.jpg", pair[1], "image/jpeg")}),
+        }
+        for endpoint, call in calls.items():
+            for _ in range(5):
+                call().raise_for_status()
+            before = _scrape(client)
+            latencies, errors = [], 0
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                response = call()
+                latencies.append(1000 * (time.perf_counter() - t0))
+                errors += response.status_code != 200
+            after = _scrape(client)
+
+            def per_request(name: str, label: str, before=before, after=after) -> float:
+                key = (name, label)
+                return 1000 * (after.get(key, 0.0) - before.get(key, 0.0)) / requests
+
+            stages = {label: per_request("face_stage_duration_seconds_sum", label)
+                      for (name, label) in after if name == "face_stage_duration_seconds_sum"}
+            stages = {k: v for k, v in stages.items() if v > 0}
+            results.append({
+                "endpoint": endpoint, "requests": requests, "errors": errors,
+                "p50_ms": float(np.median(latencies)), "mean_ms": float(np.mean(latencies)),
+                "p95_ms": float(np.percentile(latencies, 95)),
+                "server_ms": per_request("face_http_request_duration_seconds_sum", endpoint),
+                "stages_ms": stages,
+            })
+    return results
+
+
+def run(models_dir: Path, photos: Path, requests: int, repeat: int) -> dict:
+    detect_jpeg, pair = inputs(photos)
+    load_before = os.getloadavg()[0]
+    process = in_process(models_dir, detect_jpeg, repeat)
+    http = over_http(models_dir, detect_jpeg, pair, requests)
+    return {"process": process, "http": http, "load": (load_before, os.getloadavg()[0])}
+
+
+def report(result: dict) -> list[str]:
+    from benchmarks.__main__ import f, table
+
+    process, http = result["process"], result["http"]
+    network = process["network_p50_ms"]
+    lines = [
+        SECTION, "",
+        ("`python -m benchmarks.request_profile` (module docstring): the steps of one /detect request in process, on "
+         "the 640x480 frame with two faces; thread CPU time is the figure other work on the machine does not inflate."),
+        "",
+    ]
+    lines += table(["step", "thread CPU p50 ms", "wall p50 ms", "wall min ms"],
+                   [[r["step"], f(r["cpu_ms"], ".2f"), f(r["wall_ms"], ".2f"), f(r["wall_min_ms"], ".2f")]
+                    for r in process["rows"]])
+    lines += ["", (f"Thresholding, decoding and NMS (detect() less input and network): {process['post_cpu_ms']:.2f} "
+                   "ms of thread CPU."), "",
+              ("Over HTTP, a real server, one client (concurrency 1); means per request from the server's own "
+               "metrics beside the client's latency:"), ""]
+    stage_names = sorted({s for r in http for s in r["stages_ms"]})
+    headers = ["endpoint", "requests", "client p50 ms", "client mean ms", "server mean ms",
+               *[f"{s} ms" for s in stage_names], "server - stages ms", "client - server ms"]
+    rows = []
+    for r in http:
+        stages = r["stages_ms"]
+        rows.append([r["endpoint"], r["requests"], f(r["p50_ms"]), f(r["mean_ms"]), f(r["server_ms"]),
+                     *[f(stages.get(s, 0.0)) for s in stage_names],
+                     f(r["server_ms"] - sum(stages.values())), f(r["mean_ms"] - r["server_ms"])])
+    lines += table(headers, rows)
+    detect = next(r for r in http if r["endpoint"] == "/detect")
+    verify = next(r for r in http if r["endpoint"] == "/verify")
+    lines += ["", (f"Against the targets, this run: /detect p50 {detect['p50_ms']:.1f} ms for a network p50 of "
+                   f"{network:.1f} ms (+{detect['p50_ms'] - network:.1f} ms; target +6); /verify p50 "
+                   f"{verify['p50_ms']:.1f} ms (target 45). /verify's stage times add up both images' work, which two "
+                   "inference workers do side by side; a stage mean is its total per request, not a share of the wall "
+                   "time.")]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.request_profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("FACE_MODELS_DIR",
+                                                                                ROOT / "artifacts" / "models")))
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=60, help="in-process rounds")
+    parser.add_argument("--out", type=Path, help="put the section into this Markdown report (e.g. BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    load_before = os.getloadavg()[0]
+    result = run(args.models_dir, args.photos, args.requests, args.repeat)
+    lines = report(result)
+    print("\n".join(lines))
+    print(json.dumps({"load": result["load"]}))
+    if args.out:
+        command = "python -m benchmarks.request_profile " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section_alone(args.out, lines, command.strip(), started, load_before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
