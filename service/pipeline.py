@@ -79,11 +79,14 @@ class Pipeline:
         score_threshold: float | None = None,
         min_face_size: float = 0,
         max_faces: int | None = None,
+        max_side: int | None = None,
     ) -> list[Face]:
-        """Faces in a BGR uint8 image, highest score first; no embeddings."""
+        """Faces in a BGR uint8 image, highest score first; no embeddings. max_side: search it at a smaller size
+        than the detector's own (RetinaFaceDetector.detect)."""
         with self.stage("detect"):
             found = self.detector.detect(
-                image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
+                image, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces,
+                max_side=max_side,
             )
         return [
             Face(

@@ -249,6 +249,12 @@ class Settings(BaseSettings):
         "only stream open (more streams: one each). 2 lets one stream use two idle cores; on a busy machine it "
         "only doubles each frame's time."
     )
+    stream_full_detection_every: int = Field(
+        5, ge=1, le=1000, description="While every face in view is at least 96 px and embedded, a stream's frames "
+        "are searched for faces at half the detector's working size (a quarter of the cost), except every Nth, "
+        "searched at full size so that a small face coming into view is found within N frames. 1: every frame at "
+        "full size."
+    )
     stream_embed_every: int = Field(
         15, ge=1, le=10_000, description="A tracked face is embedded again after this many processed frames "
         "(sooner when it is clearly larger or sharper than when last embedded)."

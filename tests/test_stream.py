@@ -123,6 +123,41 @@ def test_moving_faces_keep_their_track_ids_and_the_enrolled_one_is_named(server:
     assert last["identity"]["matches"][0]["display_name"] == "Ada"
 
 
+def test_large_faces_are_tracked_on_coarse_frames_and_embedded_only_from_full_ones(server: Server, scene) -> None:
+    """Both heads are large (>= 96 px): after the first frames most frames are searched at half size, a full frame
+    comes at least every FACE_STREAM_FULL_DETECTION_EVERY (5), faces are embedded only on full frames, and the
+    heads are found and named on coarse frames as on full ones."""
+    answers = []
+    with websockets_sync.connect(ws_url(server), max_size=2**22) as ws:
+        for frame, _ in scene:
+            ws.send(jpeg(frame))
+            answers.append(frames_of(ws))
+    sides = [a["detector_side"] for a in answers]
+    assert set(sides) <= {640, 320} and sides[0] == 640
+    assert sides.count(320) >= 0.6 * len(sides), sides
+    runs = "".join("c" if s == 320 else "F" for s in sides).split("F")
+    assert max(len(r) for r in runs) <= 4, sides
+    for answer, (_, centres) in zip(answers, scene):
+        faces = answer["faces"]
+        assert sorted(head_of(f, centres) for f in faces) == [0, 1], (answer["frame"], answer["detector_side"])
+        assert all(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) >= 96 for f in faces)
+        if answer["detector_side"] == 320:
+            assert not any(f["embedded"] for f in faces)
+        enrolled = next(f for f in faces if head_of(f, centres) == 0)
+        assert (enrolled["identity"]["matches"] or [{}])[0].get("identity_id") == "ada" or answer["frame"] <= 2
+
+
+def test_small_faces_keep_every_frame_at_full_size(server: Server, faces_dir: Path) -> None:
+    selfie = (faces_dir / "groups" / "selfie-many-people.jpg").read_bytes()  # 600x604, six small faces
+    with websockets_sync.connect(ws_url(server, "identify=false"), max_size=2**22) as ws:
+        answers = []
+        for _ in range(8):
+            ws.send(selfie)
+            answers.append(frames_of(ws))
+    assert all(len(a["faces"]) >= 5 for a in answers)
+    assert [a["detector_side"] for a in answers] == [604] * 8
+
+
 def test_a_client_faster_than_the_server_gets_the_newest_frames_and_the_rest_counted_dropped(
     server: Server, scene
 ) -> None:
@@ -130,11 +165,13 @@ def test_a_client_faster_than_the_server_gets_the_newest_frames_and_the_rest_cou
 
 
 def test_two_frames_in_flight_still_answer_in_order_and_count_every_frame(models_dir, tmp_path, scene) -> None:
-    with running_server(models_dir, tmp_path, FACE_STREAM_MAX_FPS="1000", FACE_STREAM_FRAMES_IN_FLIGHT="2") as two:
-        flood(two, scene)
+    with running_server(models_dir, tmp_path, FACE_STREAM_MAX_FPS="1000", FACE_STREAM_FRAMES_IN_FLIGHT="2",
+                        FACE_STREAM_FULL_DETECTION_EVERY="1") as two:
+        answers = flood(two, scene)
+    assert {a["detector_side"] for a in answers} == {640}  # coarse frames off
 
 
-def flood(server: Server, scene) -> None:
+def flood(server: Server, scene) -> list[dict]:
     """Send every frame at once; then every frame is answered or counted dropped, answers come in order and the
     newest frame is answered."""
     before = stream_metrics(server)
@@ -164,6 +201,7 @@ def flood(server: Server, scene) -> None:
     assert delta['face_stream_frames_total{outcome="received"}'] == sent
     assert delta['face_stream_frames_total{outcome="processed"}'] == len(answers)
     assert delta['face_stream_frames_total{outcome="dropped"}'] == final["dropped"]
+    return answers
 
 
 def test_a_bad_frame_gets_an_error_and_the_stream_goes_on(server: Server, scene) -> None:

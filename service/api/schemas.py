@@ -603,6 +603,11 @@ class StreamFrame(BaseModel):
     type: Literal["frame"] = "frame"
     frame: int = Field(description="Which received message this answers (1-based, in arrival order).")
     image: ImageInfo
+    detector_side: int = Field(
+        description="The longer side, in pixels, this frame was searched for faces at: the detector's working size "
+        "(or the frame's own, if smaller), or half of it for a coarse frame (while every face in view is large and "
+        "embedded; see FACE_STREAM_FULL_DETECTION_EVERY)."
+    )
     faces: list[StreamFace]
     dropped: int = Field(description="Frames dropped so far: replaced by a newer one while the stream was busy.")
     rate_limited: int = Field(description="Frames dropped so far for exceeding FACE_STREAM_MAX_FPS.")

@@ -8,6 +8,12 @@ The protocol (README.md, "Video streams"):
 - Each processed frame is answered with `{"type": "frame", ...}` (StreamFrame): its number (arrival order),
   faces with a `track_id` and their track's identity, and the dropped-frame counts. A frame that cannot be used
   is answered with `{"type": "error", "frame": n, "error": {code, message, details}}` and the stream goes on.
+- Coarse frames: while every face in view is large (COARSE_MIN_FACE) and already embedded, frames are searched
+  for faces at half the detector's working size, a quarter of its cost, except every
+  FACE_STREAM_FULL_DETECTION_EVERY-th frame, searched at full size so that a small face coming into view is found
+  within that many frames. Faces are embedded only from full-size frames (landmarks found at half size are a few
+  pixels less exact), and a new face or a face that shrinks sends the next frame back to full size. Each answer
+  says which (`detector_side`).
 - Latency never grows: while a frame is processed, a newer frame replaces the one waiting (latest frame wins),
   and the replaced one is counted as dropped. So a client that sends faster than the server processes gets
   answers for the newest frames only, never a queue of old ones.
@@ -61,6 +67,10 @@ KEY_QUERY_PARAMETER = "api_key"
 RESEARCH_S = 1.0
 
 # Close codes: 4000 + the HTTP status the same refusal gets over REST; 1001/1009/1011 are the protocol's own.
+# Coarse frames need every face in view at least this large (px, shorter box side): at half size it is still 48 px,
+# three times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size.
+COARSE_MIN_FACE = 96
+
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_IDLE = 4408
 CLOSE_INVALID_OPTIONS = 4422
@@ -215,6 +225,13 @@ class StreamSession:
         # GIL and the OS scheduler, so the fewer the better.
         self.split = self.settings.stream_frames_in_flight > 1
         self.detected: asyncio.Queue[tuple[Frame, asyncio.Future]] = asyncio.Queue()
+        # Coarse frames (module docstring): allowed after a frame whose faces were all large and embedded; a full
+        # frame at least every `full_every`.
+        detector = runtime.pipeline.detector
+        self.full_every = self.settings.stream_full_detection_every if detector.resizable else 1
+        self.full_side = detector.working_side
+        self.coarse_allowed = False
+        self.coarse_run = 0  # coarse frames dispatched since the last full one
         # Token bucket for FACE_STREAM_MAX_FPS: one second of burst.
         self.tokens = self.settings.stream_max_fps
         self.refilled = time.monotonic()
@@ -345,29 +362,36 @@ class StreamSession:
                 self.in_flight -= 1
                 self.wake.set()
 
-    def _detect(self, data: bytes) -> tuple[np.ndarray, list[Face]]:
-        """On an inference thread: decode and detect (the part of a frame that runs `depth` frames at once)."""
+    def _detect(self, data: bytes) -> tuple[np.ndarray, list[Face], int]:
+        """On an inference thread: decode and detect (the part of a frame that runs `depth` frames at once); with
+        the side, in pixels, the frame was searched at."""
         settings, options, runtime = self.settings, self.options, self.runtime
         image = runtime.pipeline.decode(data, max_bytes=settings.stream_max_frame_bytes,
                                         max_pixels=settings.stream_max_frame_pixels)
         score = options.min_score if options.min_score is not None else settings.detection_score_threshold
         limit = min(options.max_faces or settings.max_faces, settings.max_faces)
+        side = min(self.full_side, max(image.shape[:2]))
+        if self.coarse_allowed and self.coarse_run < self.full_every - 1:
+            self.coarse_run += 1
+            side //= 2
+        else:
+            self.coarse_run = 0
         faces = runtime.pipeline.detect(image, score_threshold=score, min_face_size=options.min_face_size,
-                                        max_faces=limit)
-        return image, faces
+                                        max_faces=limit, max_side=side)
+        return image, faces, side
 
-    def _whole(self, data: bytes) -> tuple[np.ndarray, list[Face], list[Track], set[int]]:
-        image, faces = self._detect(data)
+    def _whole(self, data: bytes) -> tuple[np.ndarray, list[Face], int, list[Track], set[int]]:
+        image, faces, side = self._detect(data)
         self.processed += 1  # safe here: with one frame in flight, no other job of this stream runs
-        return image, faces, *self._track(image, faces, self.processed)
+        return image, faces, side, *self._track(image, faces, self.processed, side)
 
     async def answer(
-        self, frame: Frame, image: np.ndarray, faces: list[Face], tracks: list[Track] | None = None,
+        self, frame: Frame, image: np.ndarray, faces: list[Face], side: int, tracks: list[Track] | None = None,
         embedded: set[int] | None = None,
     ) -> dict:
         if tracks is None or embedded is None:
             self.processed += 1
-            tracks, embedded = await self.runtime.infer(self._track, image, faces, self.processed)
+            tracks, embedded = await self.runtime.infer(self._track, image, faces, self.processed, side)
         if self.options.identify:
             await self._search(tracks, embedded)
         out = [
@@ -382,6 +406,7 @@ class StreamSession:
         return StreamFrame(
             frame=frame.number,
             image=ImageInfo(width=image.shape[1], height=image.shape[0]),
+            detector_side=side,
             faces=out,
             dropped=self.dropped,
             rate_limited=self.rate_limited,
@@ -389,13 +414,16 @@ class StreamSession:
             process_ms=round((time.perf_counter() - frame.dispatched) * 1000, 2),
         ).model_dump()
 
-    def _track(self, image: np.ndarray, faces: list[Face], number: int) -> tuple[list[Track], set[int]]:
-        """On an inference thread, one frame at a time in arrival order: track, and embed the faces that need it."""
+    def _track(self, image: np.ndarray, faces: list[Face], number: int, side: int
+               ) -> tuple[list[Track], set[int]]:
+        """On an inference thread, one frame at a time in arrival order: track, and embed the faces that need it
+        (from full-size frames only)."""
         boxes = np.array([f.box for f in faces], np.float32).reshape(-1, 4)
         points = np.array([f.landmarks for f in faces], np.float32).reshape(-1, 5, 2)
         tracks = self.tracker.update(number, boxes, points)
+        full = side >= min(self.full_side, max(image.shape[:2]))
         chosen: list[tuple[Face, Track, float, float]] = []
-        if self.options.identify and faces:
+        if self.options.identify and faces and full:
             green = image[..., 1]  # sharpness needs one channel, not a colour conversion
             for face, track in zip(faces, tracks):
                 sharp = sharpness(green, face.box)
@@ -404,6 +432,11 @@ class StreamSession:
             self.runtime.pipeline.embed(image, [face for face, *_ in chosen])
             for face, track, area, sharp in chosen:
                 self.tracker.add_embedding(track, face.embedding, number, area, sharp)
+        # The next frame may be coarse if every face here is large and (when identifying) embedded.
+        self.coarse_allowed = bool(faces) and all(
+            min(f.width, f.height) >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
+            for f, t in zip(faces, tracks)
+        )
         self.metrics.faces.inc(len(faces))
         self.metrics.stream_embeddings.inc(len(chosen))
         return tracks, {track.track_id for _, track, *_ in chosen}
