@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  server: ready in {m['startup_s']:.1f} s, RSS {m['rss_idle_mb']:.0f} MiB idle, "
           f"{m['rss_after_load_mb']:.0f} MiB after the load (peak {m['rss_peak_mb']:.0f})")
 
+    # 3b. Where one /detect and one /verify request's time goes (against the network's own time).
+    from benchmarks import request_profile
+
+    profile = request_profile.run(args.models_dir, args.photos, requests=3 if quick else 100,
+                                  repeat=3 if quick else 60)
+    print("\n" + "\n".join(request_profile.report(profile)))
+
     # 4. 1:N identification.
     sha = Embedder(embedder_path).model_id  # what the server's gallery tags faces with
     galleries = suites.gallery_search(gallery_sizes, len(query), sha, query, workdir, repeat)
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
                      galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
-                     decoders, scale)
+                     decoders, scale, profile)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -273,8 +280,8 @@ def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
-                 decoders=(), scale=None) -> None:
-    from benchmarks import pg_index_options, pg_search, scale_out
+                 decoders=(), scale=None, profile=None) -> None:
+    from benchmarks import pg_index_options, pg_search, request_profile, scale_out
     from benchmarks.embedder_graphs import report as graphs_report
 
     lines = [
@@ -331,6 +338,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         f"empty gallery, ready in {http['memory']['startup_s']:.1f} s), {http['memory']['rss_after_load_mb']:.0f} "
         f"MiB after the load above (peak {http['memory']['rss_peak_mb']:.0f} MiB)."),
         "",
+        *([*request_profile.report(profile), ""] if profile else []),
         "## 1:N identification",
         "",
         ("Galleries of synthetic random unit embeddings (192-d, one face per identity). HONEST NOTE on how they "

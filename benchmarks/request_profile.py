@@ -193,12 +193,12 @@ def report(result: dict) -> list[str]:
               ("Over HTTP, a real server, one client (concurrency 1); means per request from the server's own "
                "metrics beside the client's latency:"), ""]
     stage_names = sorted({s for r in http for s in r["stages_ms"]})
-    headers = ["endpoint", "requests", "client p50 ms", "client mean ms", "server mean ms",
+    headers = ["endpoint", "requests", "errors", "client p50 ms", "client mean ms", "server mean ms",
                *[f"{s} ms" for s in stage_names], "server - stages ms", "client - server ms"]
     rows = []
     for r in http:
         stages = r["stages_ms"]
-        rows.append([r["endpoint"], r["requests"], f(r["p50_ms"]), f(r["mean_ms"]), f(r["server_ms"]),
+        rows.append([r["endpoint"], r["requests"], r["errors"], f(r["p50_ms"]), f(r["mean_ms"]), f(r["server_ms"]),
                      *[f(stages.get(s, 0.0)) for s in stage_names],
                      f(r["server_ms"] - sum(stages.values())), f(r["mean_ms"] - r["server_ms"])])
     lines += table(headers, rows)

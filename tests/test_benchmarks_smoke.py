@@ -57,8 +57,16 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
     for heading in ("## Detector", "## Embedder", "## Embedder graph", "## HTTP", "## 1:N identification",
-                    "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas"):
+                    "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas",
+                    "## Where a request's time goes"):
         assert heading in report
+    # The request profile: every step timed, both endpoints answered without errors, the target line written.
+    profile = report.split("## Where a request's time goes")[1].split("\n## ")[0]
+    for step in ("JPEG decode", "numpy form (before)", "OpenCV one pass (after)", "network (ONNX Runtime",
+                 "the answer's JSON"):
+        assert step in profile, profile
+    assert "| /detect | 3 | 0 |" in profile and "| /verify | 3 | 0 |" in profile, profile
+    assert "Against the targets, this run: /detect p50" in profile
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report
     # The embedder graphs were built and timed side by side (the foamliu baseline needs ../shared's weights).
