@@ -926,8 +926,8 @@ class Gallery(GalleryStore):
         self._faces = snap.faces
         self._reset_delta(0)
         for identity_id in changed:
-            self._retire(identity_id)
-            if from_database:
+            self._faces -= self._retire(identity_id)
+            if from_database:  # summed as `_load` sums, so that a restart gives what a full load would
                 faces = self._stored_faces(identity_id)
                 found = (np.add.reduce(faces, axis=0, dtype=np.float32), len(faces)) if len(faces) else None
             else:
@@ -935,6 +935,9 @@ class Gallery(GalleryStore):
             if found is not None and found[1] > 0:
                 self._set_delta(identity_id, np.asarray(found[0], dtype=np.float32), int(found[1]))
                 self._faces += int(found[1])
+                if from_database:
+                    row = self._row_of[identity_id]
+                    self._norms[row] = np.sqrt(np.einsum("i,i->", self._sums[row], self._sums[row]))
 
     def _current(self, identity_id: str) -> tuple[np.ndarray, int] | None:
         """The identity's template sum (float32, D) and face count, wherever it lives; None when it has none."""
@@ -947,15 +950,17 @@ class Gallery(GalleryStore):
                 return self._snap.sums[row], int(self._snap.counts[row])
         return None
 
-    def _retire(self, identity_id: str) -> None:
-        """The snapshot's template of the identity is no longer current; its face count leaves `_faces`."""
+    def _retire(self, identity_id: str) -> int:
+        """The snapshot's template of the identity is no longer current; returns the faces it counted (the callers
+        keep `_faces`)."""
         if self._snap is None:
-            return
+            return 0
         row = self._snap.row_of(identity_id)
-        if row is not None and not self._retired[row]:
-            self._retired[row] = True
-            self._retired_count += 1
-            self._faces -= int(self._snap.counts[row])
+        if row is None or self._retired[row]:
+            return 0
+        self._retired[row] = True
+        self._retired_count += 1
+        return int(self._snap.counts[row])
 
     def _touch(self, identity_id: str) -> None:
         if self._touched is not None:
