@@ -40,6 +40,8 @@ QUERIES = 200
 UNIFORM_SAME_PERSON = 0.75
 CHUNK = 50_000  # identities generated, imported and scored at a time
 KINDS = ("uniform", "clustered")
+# Measured once by benchmarks/ann_libraries.py (it takes many minutes: graph builds); a rewrite keeps it.
+LIBRARIES_SECTION = "## ANN libraries compared"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -88,8 +90,8 @@ class Draw:
             else:
                 owner = np.repeat(np.arange(len(counts)), counts)
                 faces = self.shape.photo(centres[owner], rng)
-            sums = np.zeros((len(counts), D))
-            np.add.at(sums, np.repeat(np.arange(len(counts)), counts), faces)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            sums = faces if self.kind == "uniform" else np.add.reduceat(faces.astype(np.float64), starts, axis=0)
             ids = [f"{self.kind[0]}{i:09d}" for i in range(first, first + len(counts))]
             yield first, ids, faces, counts, _unit(sums).astype(np.float32)
 
@@ -106,8 +108,9 @@ class Reference:
 
     def add(self, first: int, templates: np.ndarray) -> None:
         scores = self.q @ templates.T
-        ids = np.broadcast_to(np.arange(first, first + len(templates)), scores.shape)
-        both, both_ids = np.hstack([self.best, scores]), np.hstack([self.best_ids, ids])
+        top = np.argpartition(-scores, 5, axis=1)[:, :5] if scores.shape[1] > 5 else np.indices(scores.shape)[1]
+        both = np.hstack([self.best, np.take_along_axis(scores, top, 1)])
+        both_ids = np.hstack([self.best_ids, top + first])
         top = np.argsort(-both, axis=1, kind="stable")[:, :5]
         self.best, self.best_ids = np.take_along_axis(both, top, 1), np.take_along_axis(both_ids, top, 1)
         for name, t in self.thresholds.items():
@@ -222,8 +225,7 @@ def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: 
     from service.embedder import Embedder
     from service.template_index import index_folder
 
-    embeddings, labels = lfw_embeddings(models_dir, lfw_images)
-    shape = EmbeddingShape(embeddings, labels)
+    shape = EmbeddingShape(*lfw_embeddings(models_dir, lfw_images)) if "clustered" in kinds else None
     model = Embedder(models_dir / "mobilefacenet_192.onnx").model_id
     folder = Path(tempfile.mkdtemp(prefix="facerec-ann-", dir=workdir))
     rows, http = [], []

@@ -26,6 +26,12 @@ moves the last row into its slot (O(D), not O(N)); deleting a face rebuilds its 
 faces. One lock serialises mutations and searches, which keeps row indices consistent; the matrix product itself
 runs multi-threaded in BLAS. The face rows stay in SQLite only: memory is one row per identity.
 
+Large galleries. From a configured number of identities the templates are searched through an ANN index persisted
+beside the database (service/template_index.py; "Index" in the class below): its candidates are re-ranked with the
+stored float32 templates, so every identity found carries exactly the similarity exact search gives it, and
+enrolments and deletions since its build are searched exactly beside it (deleted ones never returned). Exact
+search answers while it is missing, stale or being built.
+
 Bulk import. `import_identities` (used by `python -m service.gallery_io`) writes a batch of identities that do not
 exist yet in one transaction, as durable as an enrolment, and skips those that do, so an interrupted import is
 finished by running it again. A batch is checked and written column by column (`CheckedImport`): per-identity
