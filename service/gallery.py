@@ -205,6 +205,8 @@ def unservable_identities(gallery: Any, page: int = 1000) -> list[str]:
     """Ids of stored identities whose display name or metadata holds text that text_problem refuses: rows
     written before that check existed. Reads return them with U+FFFD in place of the bad characters (servable);
     this finds them so that an operator can fix or delete them. Uses only list_identities."""
+    if isinstance(gallery, Gallery):  # one SQL pass: paging with OFFSET costs minutes at millions of identities
+        return gallery.identities_with_suspect_text(text_problem)
     found, offset = [], 0
     while True:
         identities, total = gallery.list_identities(offset, page)
@@ -1334,6 +1336,18 @@ class Gallery(GalleryStore):
     def count_identities(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+
+    def identities_with_suspect_text(self, problem: Callable[[Any], str | None]) -> list[str]:
+        """Ids of identities whose display name or metadata `problem` refuses, in id order. Metadata is stored as
+        JSON written with ASCII escapes, so a lone surrogate or NUL in it reads `\\u`; a display name can hold
+        one only outside ASCII or as a NUL. Only the rows SQL finds so are decoded and checked."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE instr(metadata, '\\u') > 0 "
+                "OR instr(display_name, char(0)) > 0 OR display_name GLOB ? ORDER BY id",
+                ("*[^ -~]*",),
+            ).fetchall()
+        return [i for i, name, metadata in rows if problem([name, json.loads(metadata) if metadata else {}])]
 
     def count_faces(self) -> int:
         """Faces searchable with the current model."""
