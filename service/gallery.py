@@ -978,9 +978,11 @@ class Gallery(GalleryStore):
         """Start a background build when the gallery is large enough for an index and has none, or when the
         identities searched exactly beside it (new or changed since the build) have grown too many."""
         options = self._index
-        if options is None or not options.build or self._closing.is_set() or (self._builder is not None and self._builder.is_alive()):
+        if options is None or not options.build or self._closing.is_set():
             return
-        with self._lock:
+        with self._lock:  # checked and started under the lock: two writers never start two builds
+            if self._builder is not None and self._builder.is_alive():
+                return
             if self.count_searchable_identities() < options.min_identities:
                 return
             if self._snap is not None and (
