@@ -53,7 +53,7 @@ class IndexOptions:
     # Below this many searchable identities exact search is used (and no index is built): BENCHMARKS.md measures
     # where the index starts to pay.
     min_identities: int = 50_000
-    nprobe: int = 256  # cells scanned per query
+    nprobe: int = 512  # cells scanned per query
     candidates: int = 100  # identities taken from the index per query, then re-ranked exactly
     # A rebuild starts when identities changed or added since the last build exceed this share of it (they are
     # searched exactly meanwhile, so they cost time per search as they grow).
