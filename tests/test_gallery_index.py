@@ -288,3 +288,26 @@ def test_index_agrees_with_exact_search_on_real_embeddings(lfw_dir: Path, models
         assert got == want  # real faces: every match above the threshold found, with the exact similarity
         assert sum(bool(w) and w[0][0] == name for w, name in zip(want, probes)) >= 20  # the data is real
         assert_found_as_exact(answers(indexed, queries), answers(exact, queries))  # far ones may be missed
+
+
+def test_index_settings_come_from_the_environment(uniform, monkeypatch):
+    from pydantic import ValidationError
+
+    from service.gallery import open_gallery
+    from service.settings import Settings
+
+    path, _, queries = uniform
+    monkeypatch.setenv("FACE_GALLERY_INDEX_NPROBE", "0")
+    with pytest.raises(ValidationError, match="gallery_index_nprobe"):
+        Settings()
+    for name, value in (("NPROBE", "16"), ("CANDIDATES", "30"), ("MIN_IDENTITIES", "2000")):
+        monkeypatch.setenv(f"FACE_GALLERY_INDEX_{name}", value)
+    options = Settings().gallery_index_options
+    assert (options.enabled, options.nprobe, options.candidates, options.min_identities) == (True, 16, 30, 2000)
+    with open_gallery(f"sqlite:///{path}", MODEL, D, index=options) as g:
+        assert g.wait_for_index(60)  # 3,000 identities, minimum 2,000: built
+        assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
+    monkeypatch.setenv("FACE_GALLERY_INDEX", "false")
+    with open_gallery(f"sqlite:///{path}", MODEL, D, index=Settings().gallery_index_options) as g:
+        assert not g.index_in_use  # off: exact search, the persisted index left alone
+    assert (index_folder(path) / MANIFEST).exists()
