@@ -57,7 +57,8 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
     assert all(f"c={c:>2}" in printed for c in (1, 4, 16))
     report = out.read_text()
     for heading in ("## Detector", "## Embedder", "## Embedder graph", "## HTTP", "## 1:N identification",
-                    "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas"):
+                    "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas",
+                    "## ANN index for the SQLite gallery"):
         assert heading in report
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report
