@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gallery-sizes", default="10000,100000,1000000")
     parser.add_argument("--pg-sizes", default="100000",
                         help="PostgreSQL gallery sizes (benchmarks/pg_search.py); empty to skip")
+    parser.add_argument("--ann-sizes", default="100000,1000000,10000000",
+                        help="faces per gallery for the SQLite gallery's ANN index (benchmarks/ann.py); empty to skip")
+    parser.add_argument("--ann-http-sizes", default="1000000,10000000",
+                        help="of those, the sizes also served over HTTP (/identify, server RSS)")
     parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "data" / "weights",
                         help="the shared checkpoints (the foamliu MobileFaceNet, the embedder graph's baseline)")
     args = parser.parse_args(argv)
@@ -184,6 +188,21 @@ def main(argv: list[str] | None = None) -> int:
             requests=3 if quick else 60,
         )
 
+    # 4b'. The SQLite gallery's ANN index, 100k to 10M faces.
+    from benchmarks import ann
+
+    ann_sizes = (2000,) if quick else tuple(int(s) for s in args.ann_sizes.split(",") if s)
+    ann_rows, ann_http = [], []
+    if ann_sizes:
+        print("\nSQLite gallery through its ANN index (Gallery.search, top 5) vs exact")
+        ann_rows, ann_http = ann.run(
+            ann_sizes, args.models_dir, args.photos.parent / "lfw-dev" / "images",
+            nprobes=(32,) if quick else (128, 256, 512),
+            http_sizes=() if quick else tuple(int(s) for s in args.ann_http_sizes.split(",") if s),
+            server_env={k: v for k, v in env.items() if k != "FACE_GALLERY_PATH"}, query_jpeg=suites.jpeg(portrait_a),
+            requests=3 if quick else 60, repeat=5 if quick else 200, kinds=("uniform",) if quick else ann.KINDS,
+        )
+
     # 4c. Enrolment rate into each store; /identify with one and two replicas on one database.
     from benchmarks import scale_out
 
@@ -233,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
                      galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
-                     decoders, scale, profile)
+                     decoders, scale, profile, ann_rows, ann_http)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -280,8 +299,8 @@ def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
-                 decoders=(), scale=None, profile=None) -> None:
-    from benchmarks import pg_index_options, pg_search, request_profile, scale_out
+                 decoders=(), scale=None, profile=None, ann_rows=(), ann_http=()) -> None:
+    from benchmarks import ann, pg_index_options, pg_search, request_profile, scale_out
     from benchmarks.embedder_graphs import report as graphs_report
 
     lines = [
@@ -356,6 +375,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "",
         *pg_search.report_lines(list(pg_rows), list(pg_http), table),
         *kept_sections(path, (pg_index_options.SECTION,)),
+        *ann.report_lines(list(ann_rows), list(ann_http), table),
+        *kept_sections(path, (ann.LIBRARIES_SECTION,)),
         *scale_out.report_lines(scale, table),
         *(jpeg_decoders_section(decoders) if decoders else []),
         "## The peer: face_recognition 1.3.0 (dlib)",

@@ -26,6 +26,12 @@ moves the last row into its slot (O(D), not O(N)); deleting a face rebuilds its 
 faces. One lock serialises mutations and searches, which keeps row indices consistent; the matrix product itself
 runs multi-threaded in BLAS. The face rows stay in SQLite only: memory is one row per identity.
 
+Large galleries. From a configured number of identities the templates are searched through an ANN index persisted
+beside the database (service/template_index.py; "Index" in the class below): its candidates are re-ranked with the
+stored float32 templates, so every identity found carries exactly the similarity exact search gives it, and
+enrolments and deletions since its build are searched exactly beside it (deleted ones never returned). Exact
+search answers while it is missing, stale or being built.
+
 Bulk import. `import_identities` (used by `python -m service.gallery_io`) writes a batch of identities that do not
 exist yet in one transaction, as durable as an enrolment, and skips those that do, so an interrupted import is
 finished by running it again. A batch is checked and written column by column (`CheckedImport`): per-identity
@@ -59,6 +65,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
+from service.template_index import IndexOptions, Snapshot, SnapshotUnusable, SnapshotWriter, index_folder
 from service.vectors import UNIT_TOLERANCE, similarity
 
 log = logging.getLogger(__name__)
@@ -95,6 +102,24 @@ CREATE INDEX IF NOT EXISTS faces_by_model ON faces(model_sha256);
 -- picked faces_by_model, scanning every face of the model for each identity (65 s per page of 1,000 at 20,000
 -- faces, and the server pages through every identity at start-up); with it, 3 ms.
 CREATE INDEX IF NOT EXISTS faces_by_identity_model ON faces(identity_id, model_sha256);
+-- Which identities' faces changed, in commit order, while an ANN index snapshot exists (service/template_index.py):
+-- a restart re-reads only those identities instead of every face. Written by triggers, so any writer (an older
+-- release, the sqlite3 shell) is logged too; `template_log` holds the one switch, set while a snapshot exists.
+CREATE TABLE IF NOT EXISTS template_changes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity_id  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS template_log (on_since INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS faces_inserted_log AFTER INSERT ON faces WHEN EXISTS (SELECT 1 FROM template_log)
+BEGIN INSERT INTO template_changes (identity_id) VALUES (NEW.identity_id); END;
+CREATE TRIGGER IF NOT EXISTS faces_deleted_log AFTER DELETE ON faces WHEN EXISTS (SELECT 1 FROM template_log)
+BEGIN INSERT INTO template_changes (identity_id) VALUES (OLD.identity_id); END;
+CREATE TRIGGER IF NOT EXISTS faces_updated_log AFTER UPDATE OF identity_id, model_sha256, embedding ON faces
+WHEN EXISTS (SELECT 1 FROM template_log)
+BEGIN
+    INSERT INTO template_changes (identity_id) VALUES (OLD.identity_id);
+    INSERT INTO template_changes (identity_id) VALUES (NEW.identity_id);
+END;
 """
 
 
@@ -180,6 +205,8 @@ def unservable_identities(gallery: Any, page: int = 1000) -> list[str]:
     """Ids of stored identities whose display name or metadata holds text that text_problem refuses: rows
     written before that check existed. Reads return them with U+FFFD in place of the bad characters (servable);
     this finds them so that an operator can fix or delete them. Uses only list_identities."""
+    if isinstance(gallery, Gallery):  # one SQL pass: paging with OFFSET costs minutes at millions of identities
+        return gallery.identities_with_suspect_text(text_problem)
     found, offset = [], 0
     while True:
         identities, total = gallery.list_identities(offset, page)
@@ -574,15 +601,17 @@ def _postgres():
 
 
 def open_gallery(url: str, model_sha256: str, embedding_size: int, *, timeout_s: float = 5.0,
-                 earlier_ids: Sequence[str] = (), ef_search: int | None = None) -> GalleryStore:
+                 earlier_ids: Sequence[str] = (), ef_search: int | None = None,
+                 index: IndexOptions | None = None) -> GalleryStore:
     """The store a FACE_GALLERY_URL names (service.settings.gallery_store parses it). earlier_ids: tags the same
     network's faces carried before (see Gallery), re-tagged as model_sha256's when the store opens. ef_search:
-    PostgreSQL's HNSW search breadth (None: its default; SQLite searches exactly)."""
+    PostgreSQL's HNSW search breadth (None: its default). index: the SQLite store's ANN index (None: exact
+    search, no index)."""
     from service.settings import gallery_store
 
     store, where = gallery_store(url)
     if store == "sqlite":
-        return Gallery(where, model_sha256, embedding_size, earlier_ids=earlier_ids)
+        return Gallery(where, model_sha256, embedding_size, earlier_ids=earlier_ids, index=index)
     pg = _postgres()
     return pg.PostgresGallery(where, model_sha256, embedding_size, timeout_s=timeout_s, earlier_ids=earlier_ids,
                               ef_search=pg.EF_SEARCH if ef_search is None else ef_search)
@@ -703,10 +732,11 @@ class Gallery(GalleryStore):
     concurrency = 1  # one connection, one lock: a second thread would only wait
 
     def __init__(self, path: str | Path, model_sha256: str, embedding_size: int, *,
-                 earlier_ids: Sequence[str] = ()):
+                 earlier_ids: Sequence[str] = (), index: IndexOptions | None = None):
         """model_sha256: the embedder's model id (service.onnx_model.model_identity). earlier_ids: ids the same
         network's faces were tagged with before (older releases keyed them by the whole file's sha256); such
-        faces are re-tagged as this model's when the gallery opens."""
+        faces are re-tagged as this model's when the gallery opens. index: how to use the ANN index (see "Index"
+        below); None searches exactly and builds none (what `open_gallery` passes comes from the settings)."""
         if not model_sha256:
             raise ValueError("model_sha256 is required: it keeps embeddings of different models apart")
         self.path = Path(path)
@@ -726,7 +756,14 @@ class Gallery(GalleryStore):
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._retag(earlier_ids)
-        self._load()
+        self._index = index if index is not None and index.enabled else None
+        self._snap: Snapshot | None = None
+        self._retired = np.zeros(0, dtype=bool)  # snapshot rows no longer current (changed or deleted since)
+        self._retired_count = 0
+        self._touched: set[str] | None = None  # identities changed while a build copies the templates
+        self._builder: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._open()
 
     # -- in-memory index -------------------------------------------------------------------------------------
     # One row per searchable identity: the sum of its current-model face embeddings (`_sums`), that sum's length
@@ -751,19 +788,63 @@ class Gallery(GalleryStore):
                 self.path, moved, ", ".join(s[:12] for s in others), self.model_sha256[:12],
             )
 
-    def _load(self) -> None:
+    # -- Index ----------------------------------------------------------------------------------------------
+    # With an index (service/template_index.py), the templates live in two parts. The *snapshot*: the templates
+    # as of the last build, memory-mapped from `<gallery.db>.index/` with a faiss index over them; rows that
+    # changed since are marked retired. The *delta*: the in-memory matrix above (`_sums`...), holding only the
+    # identities enrolled, changed or added since the build; it is always searched exactly. A search takes the
+    # index's candidates among the live snapshot rows, scores them exactly with the same float32 sums and norms
+    # exact search uses, and merges them with the delta's scores, so that every identity found has exactly its
+    # exact-search similarity, and a deleted or changed identity's old template is never returned.
+    # Without a usable snapshot (none yet, another model, files corrupt or stale, gallery below
+    # `min_identities`) everything is in the delta, which is exact search as without an index; a background
+    # thread builds a snapshot once the gallery is large enough, or when the delta has grown past
+    # `rebuild_fraction` of the snapshot, while searches go on.
+    # Start-up with a snapshot reads no face blobs but those of identities changed since the build: the
+    # `template_changes` log (triggers on `faces`, on while a snapshot exists) names them.
+
+    def _open(self) -> None:
         started = time.perf_counter()
-        d = self.embedding_size
         self._names: dict[str, str | None] = dict(self._db.execute("SELECT id, display_name FROM identities"))
-        m = self._db.execute(
-            "SELECT COUNT(DISTINCT identity_id) FROM faces WHERE model_sha256 = ?", (self.model_sha256,)
-        ).fetchone()[0]
-        self._sums = np.zeros((max(1024, m), d), dtype=np.float32)
+        self._reset_delta(0)
+        self._faces = 0
+        source = "an index snapshot"
+        if self._index is None or not self._open_snapshot():
+            source = "every face"
+            if self._index is not None:
+                # No usable snapshot: nothing needs the log until the next build starts it again. (Without an
+                # index, a snapshot another process uses stays valid: the log goes on.)
+                self._stop_change_log()
+            self._load()
+        log.info(
+            "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded from %s in %.2f s "
+            "(%d faces of other models)",
+            self.path,
+            len(self._names),
+            self.count_searchable_identities(),
+            self._faces,
+            self.model_sha256[:12],
+            source,
+            time.perf_counter() - started,
+            self.count_foreign(),
+        )
+        self._maybe_rebuild()
+
+    def _reset_delta(self, rows: int) -> None:
+        d = self.embedding_size
+        self._sums = np.zeros((max(1024, rows), d), dtype=np.float32)
         self._norms = np.zeros(len(self._sums), dtype=np.float32)
         self._counts = np.zeros(len(self._sums), dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._row_ids: list[str] = []
-        self._faces = 0
+
+    def _load(self) -> None:
+        """Every current-model face, summed into the in-memory matrix."""
+        d = self.embedding_size
+        m = self._db.execute(
+            "SELECT COUNT(DISTINCT identity_id) FROM faces WHERE model_sha256 = ?", (self.model_sha256,)
+        ).fetchone()[0]
+        self._reset_delta(m)
         # Streamed in batches straight into the sums: a million rows as Python bytes objects, or a float64 copy of
         # the matrix, would each need another gigabyte or more.
         cursor = self._db.execute(
@@ -786,17 +867,217 @@ class Gallery(GalleryStore):
         n = len(self._row_ids)
         # einsum, not linalg.norm: the latter squares the whole matrix into a temporary as large as itself.
         self._norms[:n] = np.sqrt(np.einsum("ij,ij->i", self._sums[:n], self._sums[:n]))
-        log.info(
-            "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded in %.2f s "
-            "(%d faces of other models)",
-            self.path,
-            len(self._names),
-            n,
-            self._faces,
-            self.model_sha256[:12],
-            time.perf_counter() - started,
-            self.count_foreign(),
-        )
+
+    def _change_seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'template_changes'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _stop_change_log(self) -> None:
+        """No snapshot in use: nothing needs the change log (a later build starts it again)."""
+        if self._db.execute("SELECT 1 FROM template_log").fetchone() is None:
+            return  # the usual case: nothing to write (and fsync) at start-up
+        with self._transaction() as db:
+            db.execute("DELETE FROM template_log")
+            db.execute("DELETE FROM template_changes")
+
+    def _start_change_log(self) -> int:
+        """Log changes from now on (if not already); returns the sequence number the state now reflects."""
+        if self._db.execute("SELECT 1 FROM template_log").fetchone() is None:
+            with self._transaction() as db:
+                db.execute("INSERT INTO template_log (on_since) VALUES (?)", (self._change_seq(),))
+        return self._change_seq()
+
+    def _open_snapshot(self) -> bool:
+        """Use the persisted snapshot if it matches this database: same model, built at a point of the change log
+        that is complete since; the identities changed since are read from the database into the delta."""
+        folder = index_folder(self.path)
+        try:
+            snap = Snapshot.open(folder, self.model_sha256, self.embedding_size)
+            if len(snap) < self._index.min_identities:
+                raise SnapshotUnusable(f"{len(snap)} identities, below the index's minimum "
+                                       f"{self._index.min_identities}")
+            latest = self._change_seq()
+            on = self._db.execute("SELECT MIN(on_since) FROM template_log").fetchone()[0]
+            logged = self._db.execute("SELECT COUNT(*) FROM template_changes WHERE seq > ?", (snap.seq,)).fetchone()[0]
+            if on is None or on > snap.seq or latest < snap.seq or logged != latest - snap.seq:
+                raise SnapshotUnusable("the database changed in ways the index cannot account for (change log "
+                                       "off or trimmed since its build, or the database is an older copy)")
+            changed = [r[0] for r in self._db.execute(
+                "SELECT DISTINCT identity_id FROM template_changes WHERE seq > ?", (snap.seq,))]
+        except SnapshotUnusable as exc:
+            log.warning("gallery %s: index not used: %s; exact search until it is rebuilt", self.path, exc)
+            return False
+        self._adopt(snap, changed, from_database=True)
+        stored = self._db.execute(
+            "SELECT COUNT(*) FROM faces WHERE model_sha256 = ?", (self.model_sha256,)
+        ).fetchone()[0]
+        if stored != self._faces:
+            log.warning("gallery %s: index not used: it accounts for %d faces, the database holds %d; exact "
+                        "search until it is rebuilt", self.path, self._faces, stored)
+            self._snap, self._retired, self._retired_count, self._faces = None, np.zeros(0, bool), 0, 0
+            self._reset_delta(0)
+            return False
+        log.info("gallery %s: index %s of %d identities in use (%d identities changed since its build)",
+                 self.path, snap.manifest.get("index"), len(snap), len(changed))
+        return True
+
+    def _adopt(self, snap: Snapshot, changed: Iterable[str], *, from_database: bool) -> None:
+        """Make `snap` the snapshot. `changed`: identities whose template may differ from the snapshot's, taken
+        into the delta from the database (at start-up) or from the templates in memory (after a build)."""
+        current = {}
+        if not from_database:
+            current = {identity_id: self._current(identity_id) for identity_id in changed}
+            changed = current.keys()
+        self._snap = snap
+        self._retired = np.zeros(len(snap), dtype=bool)
+        self._retired_count = 0
+        self._faces = snap.faces
+        self._reset_delta(0)
+        for identity_id in changed:
+            self._faces -= self._retire(identity_id)
+            if from_database:  # summed as `_load` sums, so that a restart gives what a full load would
+                faces = self._stored_faces(identity_id)
+                found = (np.add.reduce(faces, axis=0, dtype=np.float32), len(faces)) if len(faces) else None
+            else:
+                found = current[identity_id]
+            if found is not None and found[1] > 0:
+                self._set_delta(identity_id, np.asarray(found[0], dtype=np.float32), int(found[1]))
+                self._faces += int(found[1])
+                if from_database:
+                    row = self._row_of[identity_id]
+                    self._norms[row] = np.sqrt(np.einsum("i,i->", self._sums[row], self._sums[row]))
+
+    def _current(self, identity_id: str) -> tuple[np.ndarray, int] | None:
+        """The identity's template sum (float32, D) and face count, wherever it lives; None when it has none."""
+        row = self._row_of.get(identity_id)
+        if row is not None:
+            return self._sums[row], int(self._counts[row])
+        if self._snap is not None:
+            row = self._snap.row_of(identity_id)
+            if row is not None and not self._retired[row]:
+                return self._snap.sums[row], int(self._snap.counts[row])
+        return None
+
+    def _retire(self, identity_id: str) -> int:
+        """The snapshot's template of the identity is no longer current; returns the faces it counted (the callers
+        keep `_faces`)."""
+        if self._snap is None:
+            return 0
+        row = self._snap.row_of(identity_id)
+        if row is None or self._retired[row]:
+            return 0
+        self._retired[row] = True
+        self._retired_count += 1
+        return int(self._snap.counts[row])
+
+    def _touch(self, identity_id: str) -> None:
+        if self._touched is not None:
+            self._touched.add(identity_id)
+
+    def _maybe_rebuild(self) -> None:
+        """Start a background build when the gallery is large enough for an index and has none, or when the
+        identities searched exactly beside it (new or changed since the build) have grown too many."""
+        options = self._index
+        if options is None or not options.build or self._closing.is_set():
+            return
+        with self._lock:  # checked and started under the lock: two writers never start two builds
+            if self._builder is not None and self._builder.is_alive():
+                return
+            if self.count_searchable_identities() < options.min_identities:
+                return
+            if self._snap is not None and (
+                len(self._row_ids) + self._retired_count <= options.rebuild_fraction * len(self._snap)
+            ):
+                return
+            self._builder = threading.Thread(target=self._build, name="gallery-index", daemon=True)
+            self._builder.start()
+
+    def _build(self) -> None:
+        """Copy every template (sorted by id) into a new snapshot a chunk at a time, build its index, persist it,
+        and switch to it. Searches and writes go on meanwhile (the lock is taken per chunk); an identity changed
+        after the copy began is `_touch`ed and taken from memory when switching."""
+        started = time.perf_counter()
+        writer = None
+        try:
+            with self._lock:
+                seq = self._start_change_log()
+                ids = self._searchable_ids()
+                self._touched = set()
+            ids.sort()  # byte order = SQLite's and numpy's order of these ASCII ids
+            log.info("gallery %s: building the ANN index of %d identity templates in the background; exact search "
+                     "meanwhile", self.path, len(ids))
+            writer = SnapshotWriter(index_folder(self.path), len(ids), self.embedding_size,
+                                    max(map(len, ids), default=1))
+            chunk = 20_000  # rows copied per hold of the lock: a search waits at most a few ms for a copy
+            for start in range(0, len(ids), chunk):
+                if self._closing.is_set():
+                    writer.abandon()
+                    return
+                part = ids[start:start + chunk]
+                with self._lock:
+                    writer.put(start, part, *self._gather(part))
+            last = [time.perf_counter()]
+
+            def progress(done: int, total: int, phase: str) -> None:
+                if time.perf_counter() - last[0] >= 10 or done in (0, total):
+                    last[0] = time.perf_counter()
+                    log.info("gallery %s: index build: %s, %d / %d templates (%.0f %%), %.0f s", self.path, phase,
+                             done, total, 100 * done / max(1, total), time.perf_counter() - started)
+
+            index = writer.build_index(available_threads(), progress, self._closing.is_set)
+            if index is None:
+                writer.abandon()
+                return
+            writer.commit(index, {"model_sha256": self.model_sha256, "embedding_size": self.embedding_size,
+                                  "seq": seq, "build_seconds": round(time.perf_counter() - started, 1)})
+            snap = Snapshot.open(index_folder(self.path), self.model_sha256, self.embedding_size)
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                touched, self._touched = self._touched or set(), None
+                faces = self._faces
+                self._adopt(snap, touched, from_database=False)
+                if faces != self._faces:  # a bug, not a user's problem: say so, keep serving
+                    log.error("gallery %s: face count %d after switching to the index, %d before", self.path,
+                              self._faces, faces)
+                with self._transaction() as db:
+                    db.execute("DELETE FROM template_changes WHERE seq <= ?", (snap.seq,))
+            log.info("gallery %s: ANN index of %d identities built in %.1f s and in use (%s)", self.path, len(snap),
+                     time.perf_counter() - started, snap.manifest["index"])
+        except Exception:
+            log.exception("gallery %s: index build failed; exact search goes on", self.path)
+            if writer is not None:
+                writer.abandon()
+        finally:
+            with self._lock:
+                self._touched = None
+
+    def _searchable_ids(self) -> list[str]:
+        ids = list(self._row_ids)
+        if self._snap is not None:
+            live = np.flatnonzero(~self._retired)
+            ids += [b.decode() for b in self._snap.ids[live].tolist()]
+        return ids
+
+    def _gather(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sums, norms, counts) of these identities as searched now; zeros for one that has gone (it was
+        touched, and the switch retires it)."""
+        sums = np.zeros((len(ids), self.embedding_size), dtype=np.float32)
+        norms = np.zeros(len(ids), dtype=np.float32)
+        counts = np.zeros(len(ids), dtype=np.int64)
+        delta = np.array([self._row_of.get(i, -1) for i in ids], dtype=np.int64)
+        here = np.flatnonzero(delta >= 0)
+        sums[here], norms[here], counts[here] = self._sums[delta[here]], self._norms[delta[here]], self._counts[delta[here]]
+        if self._snap is not None and len(here) < len(ids):
+            rest = np.flatnonzero(delta < 0)
+            width = self._snap.ids.dtype.itemsize
+            rest = np.array([j for j in rest if len(ids[j]) <= width], dtype=np.int64)  # longer: not in it
+            keys = np.array([ids[j].encode() for j in rest], dtype=self._snap.ids.dtype)
+            rows = np.minimum(np.searchsorted(self._snap.ids, keys), len(self._snap) - 1)
+            hit = (self._snap.ids[rows] == keys) & ~self._retired[rows]
+            rest, rows = rest[hit], rows[hit]
+            sums[rest], norms[rest], counts[rest] = self._snap.sums[rows], self._snap.norms[rows], self._snap.counts[rows]
+        return sums, norms, counts
 
     def _row(self, identity_id: str) -> int:
         """The identity's template row, appended (empty) if it has none; the matrices grow by doubling."""
@@ -823,9 +1104,14 @@ class Gallery(GalleryStore):
 
     def _set_template(self, identity_id: str, total: np.ndarray, count: int) -> None:
         """Make the identity's template the given sum of `count` faces; no faces removes it from search."""
+        self._touch(identity_id)
+        self._retire(identity_id)
         if count == 0:
             self._drop_template(identity_id)
             return
+        self._set_delta(identity_id, total, count)
+
+    def _set_delta(self, identity_id: str, total: np.ndarray, count: int) -> None:
         row = self._row(identity_id)
         self._sums[row] = total
         self._counts[row] = count
@@ -834,12 +1120,15 @@ class Gallery(GalleryStore):
     def _drop_template(self, identity_id: str) -> None:
         """Remove an identity's row by moving the last row into it (O(D), not O(N)); the freed row is zeroed, so
         no trace of a deleted face stays in memory."""
+        self._touch(identity_id)
+        self._retire(identity_id)
         row = self._row_of.pop(identity_id, None)
         if row is None:
             return
         last = len(self._row_ids) - 1
         if row != last:
             moved = self._row_ids[last]
+            self._touch(moved)  # a build may have copied its old row already
             self._sums[row], self._norms[row], self._counts[row] = self._sums[last], self._norms[last], self._counts[last]
             self._row_ids[row] = moved
             self._row_of[moved] = row
@@ -853,7 +1142,7 @@ class Gallery(GalleryStore):
         blobs = [
             blob
             for (blob,) in self._db.execute(
-                "SELECT embedding FROM faces WHERE identity_id = ? AND model_sha256 = ?",
+                "SELECT embedding FROM faces WHERE identity_id = ? AND model_sha256 = ? ORDER BY rowid",
                 (identity_id, self.model_sha256),
             )
         ]
@@ -890,8 +1179,8 @@ class Gallery(GalleryStore):
         rows = enrolment.rows(self.model_sha256, lambda v: v.astype("<f4").tobytes())
         with self._lock:
             # The template after this enrolment, checked before anything is written.
-            row = self._row_of.get(identity_id)
-            previous = (self._sums[row].astype(np.float64), int(self._counts[row])) if row is not None else (0.0, 0)
+            found = self._current(identity_id)
+            previous = (found[0].astype(np.float64), found[1]) if found is not None else (0.0, 0)
             total = previous[0] + vectors.astype(np.float64).sum(axis=0)
             if problem := cancelling(total, previous[1] + len(vectors)):
                 raise problem
@@ -915,6 +1204,7 @@ class Gallery(GalleryStore):
                 self._names[identity_id] = (
                     display_name if display_name is not None else self._names.get(identity_id)
                 )
+        self._maybe_rebuild()
 
     def _write_new_identities(self, batch: CheckedImport) -> int:
         with self._lock:
@@ -949,6 +1239,9 @@ class Gallery(GalleryStore):
             self._names.update(zip(batch.identity_ids, batch.display_names))
             self._row_ids.extend(batch.identity_ids)
             self._faces += len(batch.face_ids)
+            if self._touched is not None:
+                self._touched.update(batch.identity_ids)
+        self._maybe_rebuild()
         return len(batch.identity_ids)
 
     def delete_identity(self, identity_id: str) -> int:
@@ -963,11 +1256,12 @@ class Gallery(GalleryStore):
                 db.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
                 if db.execute("DELETE FROM identities WHERE id = ?", (identity_id,)).rowcount == 0:
                     raise identity_missing(identity_id)
-            row = self._row_of.get(identity_id)
-            self._faces -= 0 if row is None else int(self._counts[row])
+            found = self._current(identity_id)
+            self._faces -= 0 if found is None else found[1]
             self._drop_template(identity_id)
             self._names.pop(identity_id, None)
             self._purge_wal()
+        self._maybe_rebuild()
         return len(face_ids)
 
     def delete_face(self, identity_id: str, face_id: str) -> None:
@@ -983,10 +1277,11 @@ class Gallery(GalleryStore):
             # Rebuilt from what is stored, not subtracted: no rounding drift, and a face of another model
             # (never in the template) changes nothing.
             remaining = self._stored_faces(identity_id)
-            row = self._row_of.get(identity_id)
-            self._faces += len(remaining) - (0 if row is None else int(self._counts[row]))
+            found = self._current(identity_id)
+            self._faces += len(remaining) - (0 if found is None else found[1])
             self._set_template(identity_id, remaining.astype(np.float64).sum(axis=0).astype(np.float32), len(remaining))
             self._purge_wal()
+        self._maybe_rebuild()
 
     def _purge_wal(self) -> None:
         # Old versions of the erased pages still sit in the WAL until a checkpoint copies the zeroed pages
@@ -1044,6 +1339,18 @@ class Gallery(GalleryStore):
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
 
+    def identities_with_suspect_text(self, problem: Callable[[Any], str | None]) -> list[str]:
+        """Ids of identities whose display name or metadata `problem` refuses, in id order. Metadata is stored as
+        JSON written with ASCII escapes, so a lone surrogate or NUL in it reads `\\u`; a display name can hold
+        one only outside ASCII or as a NUL. Only the rows SQL finds so are decoded and checked."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, display_name, metadata FROM identities WHERE instr(metadata, '\\u') > 0 "
+                "OR instr(display_name, char(0)) > 0 OR display_name GLOB ? ORDER BY id",
+                ("*[^ -~]*",),
+            ).fetchall()
+        return [i for i, name, metadata in rows if problem([name, json.loads(metadata) if metadata else {}])]
+
     def count_faces(self) -> int:
         """Faces searchable with the current model."""
         with self._lock:
@@ -1053,7 +1360,7 @@ class Gallery(GalleryStore):
         """Identities with at least one face of the current model: how many a search compares a probe with,
         which is what sets the chance of naming a stranger (the 1:N decision policy needs it)."""
         with self._lock:
-            return len(self._row_ids)
+            return len(self._row_ids) + (len(self._snap) - self._retired_count if self._snap is not None else 0)
 
     def count_foreign(self) -> int:
         """Faces enrolled with another model: kept on disk, never compared with the current model's."""
@@ -1065,6 +1372,8 @@ class Gallery(GalleryStore):
     def _search(self, q: np.ndarray, top_k: int, threshold: float | None) -> list[list[Match]]:
         results: list[list[Match]] = []
         with self._lock:
+            if self._snap is not None:
+                return [self._search_indexed(query, top_k, threshold) for query in q]
             n = len(self._row_ids)
             if n == 0:
                 return [[] for _ in range(len(q))]
@@ -1073,37 +1382,117 @@ class Gallery(GalleryStore):
             chunk = max(1, _SCORE_BUDGET // n)
             for start in range(0, len(q), chunk):
                 scores = (q[start : start + chunk] @ sums.T) / norms  # (m, n) cosine to each template
-                results.extend(self._top(row, top_k, threshold) for row in scores)
+                results.extend(self._top(query, row, top_k, threshold) for query, row in zip(q[start:], scores))
         return results
+
+    def _search_indexed(self, query: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
+        """One query: the index's candidates among the snapshot's live rows and every delta row, all scored
+        exactly as `_search` scores them without an index (one query's row times the float32 sums, over the
+        norms), then the same selection."""
+        snap, options = self._snap, self._index
+        q = query[None, :]
+        rows = snap.candidates(q, max(options.candidates, top_k), options.nprobe)[0]
+        rows = np.sort(rows[rows >= 0])
+        rows = rows[~self._retired[rows]]
+        n = len(self._row_ids)
+        delta = shortlist((q @ self._sums[:n].T)[0] / np.maximum(self._norms[:n], 1e-12), top_k, threshold)
+        scores = np.concatenate([exact_similarities(snap.sums[rows], snap.norms[rows], query),
+                                 exact_similarities(self._sums[delta], self._norms[delta], query)])
+        matches = []
+        for i in pick(scores, top_k, threshold):
+            if i < len(rows):
+                identity_id, faces = snap.id_at(int(rows[i])), int(snap.counts[rows[i]])
+            else:
+                row = int(delta[i - len(rows)])
+                identity_id, faces = self._row_ids[row], int(self._counts[row])
+            matches.append(Match(identity_id=identity_id, similarity=float(np.clip(scores[i], -1.0, 1.0)),
+                                 faces=faces, display_name=self._names.get(identity_id)))
+        return matches
 
     def _template_total(self, identity_id: str) -> np.ndarray | None:
         with self._lock:
             if identity_id not in self._names:
                 raise identity_missing(identity_id)
-            row = self._row_of.get(identity_id)
-            return None if row is None else self._sums[row].copy()
+            found = self._current(identity_id)
+            return None if found is None else np.array(found[0])
 
-    def _top(self, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
-        """Top identities for one query's template scores. With a threshold, only the (usually few) rows above
-        it are candidates: one comparison pass, much cheaper than a partition of the whole gallery."""
-        if threshold is None:
-            rows = np.argpartition(scores, len(scores) - top_k)[len(scores) - top_k :] if len(scores) > top_k else None
-            rows = np.arange(len(scores)) if rows is None else rows
-        else:
-            rows = np.flatnonzero(scores >= threshold)
-            if len(rows) > top_k:
-                rows = rows[np.argpartition(scores[rows], len(rows) - top_k)[len(rows) - top_k :]]
-        rows = rows[np.argsort(-scores[rows], kind="stable")]
+    @property
+    def index_in_use(self) -> bool:
+        """Whether searches go through the ANN index now (False: exact search over every template)."""
+        with self._lock:
+            return self._snap is not None
+
+    def wait_for_index(self, timeout: float | None = None) -> bool:
+        """Wait for a background index build, if one runs; returns `index_in_use`. (Tests and benchmarks.)"""
+        builder = self._builder
+        if builder is not None:
+            builder.join(timeout)
+        return self.index_in_use
+
+    def _top(self, query: np.ndarray, scores: np.ndarray, top_k: int, threshold: float | None) -> list[Match]:
+        """Top identities for one query, from its float32 template scores: a shortlist by those, then exact
+        similarities (`exact_similarities`) decide."""
+        rows = shortlist(scores, top_k, threshold)
+        exact = exact_similarities(self._sums[rows], self._norms[rows], query)
+        chosen = pick(exact, top_k, threshold)
+        rows, exact = rows[chosen], exact[chosen]
         return [
             Match(
                 identity_id=self._row_ids[row],
-                similarity=float(np.clip(scores[row], -1.0, 1.0)),
+                similarity=float(np.clip(similarity, -1.0, 1.0)),
                 faces=int(self._counts[row]),
                 display_name=self._names.get(self._row_ids[row]),
             )
-            for row in rows
+            for row, similarity in zip(rows, exact)
         ]
 
     def close(self) -> None:
+        self._closing.set()
+        builder = self._builder
+        if builder is not None:
+            # A build stops at its next step; one inside faiss's training cannot be interrupted, and is left
+            # to finish on its own (a daemon thread: it does not keep the process alive).
+            builder.join(timeout=10)
         with self._lock:
             self._db.close()
+
+
+def pick(scores: np.ndarray, top_k: int, threshold: float | None) -> np.ndarray:
+    """Positions of the top_k highest scores, best first (ties in position order), only those >= threshold when
+    one is given. With a threshold, only the (usually few) rows above it are candidates: one comparison pass,
+    much cheaper than a partition of the whole gallery."""
+    if threshold is None:
+        rows = np.argpartition(scores, len(scores) - top_k)[len(scores) - top_k :] if len(scores) > top_k else None
+        rows = np.arange(len(scores)) if rows is None else rows
+    else:
+        rows = np.flatnonzero(scores >= threshold)
+        if len(rows) > top_k:
+            rows = rows[np.argpartition(scores[rows], len(rows) - top_k)[len(rows) - top_k :]]
+    return rows[np.argsort(-scores[rows], kind="stable")]
+
+
+# A float32 matrix product's rounding depends on how BLAS blocks it (a row's score can differ by ~1e-7 between a
+# product over all templates and one over a few), so scores from the product only shortlist: SHORTLIST_SLACK
+# below the threshold, SHORTLIST_EXTRA beyond top_k. What is returned and compared with the threshold is
+# `exact_similarities`, computed row by row the same way whichever path (exact, index) shortlisted the row.
+SHORTLIST_SLACK = 1e-4
+SHORTLIST_EXTRA = 16
+
+
+def shortlist(scores: np.ndarray, top_k: int, threshold: float | None) -> np.ndarray:
+    return pick(scores, top_k + SHORTLIST_EXTRA, None if threshold is None else threshold - SHORTLIST_SLACK)
+
+
+def exact_similarities(sums: np.ndarray, norms: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine of the query with each template (its float32 sum over its float32 norm), in float64, each row
+    reduced on its own (numpy's pairwise sum along the row): the same value for a row whatever else is scored
+    with it."""
+    wide = np.asarray(sums, dtype=np.float64) * np.asarray(query, dtype=np.float64)
+    return wide.sum(axis=1) / np.maximum(np.asarray(norms, dtype=np.float64), 1e-12)
+
+
+def available_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

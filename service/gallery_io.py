@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -292,8 +293,11 @@ def open_configured_gallery() -> tuple[GalleryStore, list[str]]:
     except ValidationError as exc:
         raise GallerySetupError(f"bad settings: {exc}") from None
     embedder = Embedder(settings.embedder_path, session_options(1, 1))
+    # The server's index is used (a large gallery opens in seconds) and kept valid, but not rebuilt here: the
+    # server rebuilds it when it starts, in the background.
     gallery = open_gallery(settings.gallery_url, embedder.model_id, embedder.embedding_size,
-                           timeout_s=settings.gallery_timeout_s, earlier_ids=embedder.earlier_ids)
+                           timeout_s=settings.gallery_timeout_s, earlier_ids=embedder.earlier_ids,
+                           index=dataclasses.replace(settings.gallery_index_options, build=False))
     return gallery, embedder.earlier_ids
 
 

@@ -15,6 +15,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.template_index import IndexOptions
+
 MB = 1024 * 1024
 
 
@@ -200,6 +202,31 @@ class Settings(BaseSettings):
         "(at least top_k). More finds more of what exact search finds, and takes longer. Unset: the service's "
         "measured default (service/pg_gallery.py EF_SEARCH; BENCHMARKS.md).",
     )
+    gallery_index: bool = Field(
+        True,
+        description="SQLite gallery: search large galleries through an approximate-nearest-neighbour index (faiss "
+        "IVF, persisted in <gallery file>.index/, built in the background; candidates re-ranked exactly, so a "
+        "found identity's similarity is exact search's). false: always exact search.",
+    )
+    gallery_index_min_identities: int = Field(
+        IndexOptions.min_identities,
+        ge=1,
+        description="SQLite gallery: searchable identities from which the index is built and used; below it, exact "
+        "search (as fast there; BENCHMARKS.md).",
+    )
+    gallery_index_nprobe: int = Field(
+        IndexOptions.nprobe,
+        ge=1,
+        le=65536,
+        description="SQLite gallery index: cells scanned per query. More finds more of what exact search finds, "
+        "and takes longer.",
+    )
+    gallery_index_candidates: int = Field(
+        IndexOptions.candidates,
+        ge=1,
+        le=100_000,
+        description="SQLite gallery index: identities taken from the index per query and re-ranked exactly.",
+    )
 
     # --- compute ------------------------------------------------------------------------------------
     # Unset thread counts are sized to the CPUs this process may use: FACE_INFERENCE_WORKERS requests run
@@ -352,6 +379,11 @@ class Settings(BaseSettings):
             sharpness=self.enroll_min_sharpness, brightness=self.enroll_min_brightness,
             max_brightness=self.enroll_max_brightness, quality=self.enroll_min_quality,
         )
+
+    @property
+    def gallery_index_options(self) -> IndexOptions:
+        return IndexOptions(enabled=self.gallery_index, min_identities=self.gallery_index_min_identities,
+                            nprobe=self.gallery_index_nprobe, candidates=self.gallery_index_candidates)
 
     @property
     def detector_path(self) -> Path:

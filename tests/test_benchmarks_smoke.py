@@ -58,7 +58,7 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
     report = out.read_text()
     for heading in ("## Detector", "## Embedder", "## Embedder graph", "## HTTP", "## 1:N identification",
                     "## The peer", "## 1:N identification in PostgreSQL", "## Enrolment rate and replicas",
-                    "## Where a request's time goes"):
+                    "## Where a request's time goes", "## ANN index for the SQLite gallery"):
         assert heading in report
     # The request profile: every step timed, both endpoints answered without errors, the target line written.
     profile = report.split("## Where a request's time goes")[1].split("\n## ")[0]

@@ -110,6 +110,7 @@ class Runtime:
                 timeout_s=settings.gallery_timeout_s,
                 earlier_ids=embedder.earlier_ids,
                 ef_search=settings.gallery_ef_search,
+                index=settings.gallery_index_options,
             )
             # SQLite: one thread (one connection, one lock). PostgreSQL: as many as its connection pool holds.
             gallery_pool = ThreadPoolExecutor(gallery.concurrency, thread_name_prefix="gallery")

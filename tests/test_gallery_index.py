@@ -1,0 +1,313 @@
+"""The SQLite gallery's ANN index (service/template_index.py): whatever it finds carries exact search's similarity and
+threshold decision, changes are visible at once, deleted identities never come back, and a missing, stale, corrupt
+or other-model index is never used but rebuilt while exact search answers. Real galleries in SQLite files, a real
+faiss index, real embeddings of the shared photos where they are available; the index's minimum size is set low so
+that small galleries use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.gallery import Gallery, ImportedIdentity
+from service.template_index import MANIFEST, IndexOptions, index_folder
+
+D = 192
+MODEL = "a" * 64
+OTHER_MODEL = "b" * 64
+# Every cell scanned: the index then proposes every template, so results must equal exact search's exactly.
+EVERYTHING = IndexOptions(min_identities=100, nprobe=100_000, candidates=100_000)
+# A fraction of the cells scanned, as in production: found means found with the exact similarity.
+SMALL = IndexOptions(min_identities=100, nprobe=64, candidates=50)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def fill(path: Path, vectors: np.ndarray, prefix: str = "p", model: str = MODEL) -> list[str]:
+    ids = [f"{prefix}{i:06d}" for i in range(len(vectors))]
+    with Gallery(path, model, D) as gallery:
+        gallery.import_identities([ImportedIdentity(i, v[None], model) for i, v in zip(ids, vectors)])
+    return ids
+
+
+def answers(gallery: Gallery, queries: np.ndarray, top_k: int = 5, threshold: float | None = None) -> list:
+    return [[(m.identity_id, m.similarity, m.faces) for m in gallery.search(q, top_k, threshold)[0]]
+            for q in queries]
+
+
+def assert_found_as_exact(indexed: list, exact: list, threshold: float | None = None) -> None:
+    """Every identity the index returns has exact search's similarity and face count; with a threshold, exact
+    search's matches above it are found too, unless the index missed them (counted by the caller)."""
+    for got, want in zip(indexed, exact):
+        by_id = {i: (s, k) for i, s, k in want}
+        for identity, similarity, faces in got:
+            if identity in by_id:
+                assert (similarity, faces) == by_id[identity]
+            if threshold is not None:
+                assert similarity >= threshold
+
+
+@pytest.fixture
+def uniform(tmp_path: Path):
+    rng = np.random.default_rng(7)
+    vectors = unit(rng.standard_normal((3000, D)))
+    path = tmp_path / "gallery.db"
+    fill(path, vectors)
+    queries = unit(0.75 * vectors[:40] + 0.66 * unit(rng.standard_normal((40, D))))
+    return path, vectors, queries
+
+
+def test_index_built_in_background_agrees_with_exact_search(uniform):
+    path, _, queries = uniform
+    with Gallery(path, MODEL, D) as exact, Gallery(path, MODEL, D, index=EVERYTHING) as indexed:
+        assert indexed.wait_for_index(60)
+        assert not exact.index_in_use
+        # Every cell scanned: identical answers, similarities bit for bit, with and without a threshold.
+        assert_found_as_exact(answers(indexed, queries), answers(exact, queries))  # far ones may be missed
+        assert answers(indexed, queries, 5, 0.5) == answers(exact, queries, 5, 0.5)
+        assert answers(indexed, queries[:3], top_k=3000) == answers(exact, queries[:3], top_k=3000)
+        assert indexed.count_searchable_identities() == exact.count_searchable_identities() == 3000
+        assert indexed.count_faces() == exact.count_faces() == 3000
+    # Few cells scanned: what is found is still exact search's, and the planted matches are all found.
+    with Gallery(path, MODEL, D, index=SMALL) as indexed, Gallery(path, MODEL, D) as exact:
+        assert indexed.index_in_use
+        got, want = answers(indexed, queries, 5, 0.5), answers(exact, queries, 5, 0.5)
+        assert_found_as_exact(got, want, 0.5)
+        assert [w[0][0] for w in want] == [f"p{i:06d}" for i in range(40)]
+        found = sum(bool(g) and g[0][0] == w[0][0] for g, w in zip(got, want))
+        assert found >= 38, f"the index found {found} of 40 planted matches"
+
+
+def test_changes_are_visible_at_once_and_deleted_identities_never_return(uniform):
+    path, vectors, queries = uniform
+    rng = np.random.default_rng(8)
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+        # A new identity: found by the next search.
+        newcomer = unit(rng.standard_normal(D))
+        g.enroll("newcomer", newcomer)
+        assert g.search(newcomer, 1)[0][0].identity_id == "newcomer"
+        # A second face for an indexed identity: its template moves, and the new similarity is what is returned.
+        g.enroll("p000001", queries[1])
+        # Deleted: the identity a query was planted on, and one face of another.
+        g.delete_identity("p000000")
+        g.enroll("p000002", queries[2])
+        face = g.get_identity("p000002").faces[0].face_id
+        g.delete_face("p000002", face)
+        g.delete_identity("p000003")
+        g.enroll("p000003", vectors[3])  # deleted, then enrolled again: the new one only
+        assert g.index_in_use
+        after = answers(g, queries[:4], top_k=10)
+        assert all(identity != "p000000" for row in after for identity, _, _ in row)
+        with Gallery(path, MODEL, D) as exact:  # what a fresh exact search says about the same database
+            want = answers(exact, queries[:4], top_k=10)
+            # The same identities; similarities to ~1e-7, not bit for bit: an enrolment sums its template in
+            # float64, a load from the database in float32 (as without an index).
+            assert [[(i, k) for i, _, k in row] for row in after] == [[(i, k) for i, _, k in row] for row in want]
+            np.testing.assert_allclose([s for row in after for _, s, _ in row], [s for row in want for _, s, _ in row],
+                                       atol=1e-6)
+            assert g.count_faces() == exact.count_faces()
+            assert g.count_searchable_identities() == exact.count_searchable_identities()
+        assert [m.faces for m in g.search(queries[1], 1)[0]] == [2]
+        assert g.search(queries[2], 1)[0][0].similarity == pytest.approx(1.0, abs=1e-6)  # only the second face
+    # After a restart on the persisted index: the change log brings the same state back.
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g, Gallery(path, MODEL, D) as exact:
+        assert g.index_in_use
+        assert answers(g, queries[:4], top_k=10) == answers(exact, queries[:4], top_k=10)
+        assert g.search(newcomer, 1)[0][0].identity_id == "newcomer"
+
+
+def test_changes_during_a_build_are_kept(tmp_path: Path):
+    """Enrolments and deletions while the background build copies the templates: none lost, none resurrected."""
+    rng = np.random.default_rng(9)
+    vectors = unit(rng.standard_normal((10_000, D)))
+    path = tmp_path / "gallery.db"
+    fill(path, vectors)
+    added, deleted = {}, []
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        i = 0
+        while g._builder.is_alive() and i < 300:
+            if i % 2:
+                added[f"new{i}"] = unit(rng.standard_normal(D))
+                g.enroll(f"new{i}", added[f"new{i}"])
+            else:
+                deleted.append(f"p{i * 3:06d}")
+                g.delete_identity(deleted[-1])
+            i += 1
+        assert g.wait_for_index(60)
+        assert i > 10, "the build finished before the test could change anything"
+        for identity, vector in added.items():
+            assert g.search(vector, 1)[0][0].identity_id == identity
+        for identity in deleted:
+            assert g.search(vectors[int(identity[1:])], 1)[0][0].identity_id != identity
+        with Gallery(path, MODEL, D) as exact:
+            assert g.count_faces() == exact.count_faces() == 10_000 - len(deleted) + len(added)
+            assert g.count_searchable_identities() == exact.count_searchable_identities()
+
+
+def _restart_and_check(path: Path, queries: np.ndarray, damage) -> None:
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+    damage(index_folder(path))
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g, Gallery(path, MODEL, D) as exact:
+        assert not g.index_in_use  # not trusted: exact search answers at once...
+        assert answers(g, queries) == answers(exact, queries)
+        assert g.wait_for_index(60)  # ...while it is rebuilt
+        assert answers(g, queries) == answers(exact, queries)
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.index_in_use  # the rebuilt one is persisted
+
+
+def _tag(folder: Path) -> str:
+    return json.loads((folder / MANIFEST).read_text())["tag"]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda f: (f / f"{_tag(f)}.ivf.faiss").write_bytes(b"\0" * 1000), id="garbled index file"),
+    pytest.param(lambda f: (f / f"{_tag(f)}.sums.npy").unlink(), id="templates file missing"),
+    pytest.param(lambda f: _truncate(f / f"{_tag(f)}.sums.npy"), id="templates file truncated"),
+    pytest.param(lambda f: _scramble_templates(f / f"{_tag(f)}.sums.npy"), id="templates overwritten"),
+    pytest.param(lambda f: (f / MANIFEST).write_text("{not json"), id="manifest garbled"),
+    pytest.param(lambda f: (f / MANIFEST).unlink(), id="index missing"),
+])
+def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
+    path, _, queries = uniform
+    _restart_and_check(path, queries, damage)
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _scramble_templates(path: Path) -> None:
+    sums = np.load(path, mmap_mode="r+")
+    sums[:] = np.random.default_rng(0).standard_normal(sums.shape)
+    sums.flush()
+
+
+def test_changes_the_index_cannot_account_for_make_it_stale(uniform):
+    """A database changed while the change log was off (here: the log switched off by hand, then a face deleted
+    with the sqlite3 shell's SQL) is not searched through the old index."""
+    path, _, queries = uniform
+
+    def stale(folder: Path) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("DELETE FROM template_log")
+            db.execute("DELETE FROM faces WHERE identity_id = 'p000000'")
+
+    _restart_and_check(path, queries, stale)
+
+
+def test_an_older_copy_of_the_database_is_not_searched_through_a_newer_index(uniform, tmp_path: Path):
+    path, _, queries = uniform
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+    older = tmp_path / "older.db"
+    source, copy = sqlite3.connect(path), sqlite3.connect(older)
+    source.backup(copy)
+    source.close(), copy.close()
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        g.enroll("late", queries[0])
+    # The database goes back to the copy from before "late" (as a restore from backup would); the index folder
+    # stays, and "late" is logged in a change log the copy does not have.
+    older.replace(path)
+    for leftover in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.index_in_use  # built before "late": it matches the older copy exactly
+        assert "late" not in {m.identity_id for m in g.search(queries[0], 5)[0]}
+
+
+def test_another_models_index_is_never_used(uniform):
+    path, vectors, queries = uniform
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+    with Gallery(path, OTHER_MODEL, D, index=EVERYTHING) as other:
+        assert not other.index_in_use
+        assert other.search(queries[0], 5) == [[]]  # none of the other model's faces; nothing compared across
+        other.enroll("other-person", vectors[0])
+        assert [m.identity_id for m in other.search(queries[0], 5)[0]] == ["other-person"]
+        assert not other.wait_for_index(5)  # one identity: below the minimum, no index built
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        # Its own model's index was rebuilt (the other model's opening stopped the change log): same answers.
+        assert g.wait_for_index(60)
+        assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
+
+
+def test_small_galleries_search_exactly_and_disabled_means_no_index(tmp_path: Path):
+    path = tmp_path / "gallery.db"
+    fill(path, unit(np.random.default_rng(1).standard_normal((50, D))))
+    with Gallery(path, MODEL, D, index=SMALL) as g:  # 50 identities, minimum 100
+        assert not g.wait_for_index(5)
+    with Gallery(path, MODEL, D, index=dataclasses.replace(SMALL, min_identities=10, enabled=False)) as g:
+        assert not g.wait_for_index(5)
+    assert not (index_folder(path) / MANIFEST).exists()
+
+
+def test_index_agrees_with_exact_search_on_real_embeddings(lfw_dir: Path, models_dir: Path, tmp_path: Path):
+    """Real embeddings of the shared lfw-dev photos: people with several photos enrolled with all but one, the
+    held-out photos as queries, among 2,000 other identities; /identify's 1:1 threshold decides a match."""
+    from evaluate.pairs import central
+    from service.detector import RetinaFaceDetector
+    from service.embedder import Embedder
+    from service.pipeline import Pipeline
+
+    pipeline = Pipeline(RetinaFaceDetector(models_dir / "retinaface_mnet025.onnx"),
+                        Embedder(models_dir / "mobilefacenet_192.onnx"))
+    people = sorted(p for p in (lfw_dir / "images").iterdir() if len(list(p.glob("*.jpg"))) >= 3)[:25]
+    import cv2
+
+    enrolled, probes = {}, {}
+    for person in people:
+        photos = sorted(person.glob("*.jpg"))[:3]
+        vectors = []
+        for photo in photos:
+            image = cv2.imread(str(photo))
+            faces = pipeline.detect(image)
+            vectors.append(pipeline.embed(image, [central(faces, image.shape)])[0].embedding)
+        enrolled[person.name], probes[person.name] = np.array(vectors[:-1]), vectors[-1]
+    path = tmp_path / "gallery.db"
+    rng = np.random.default_rng(3)
+    fill(path, unit(rng.standard_normal((2000, D))), prefix="filler")
+    threshold = float(pipeline.embedder.threshold)
+    with Gallery(path, MODEL, D) as g:
+        for name, vectors in enrolled.items():
+            g.enroll(name, vectors)
+    queries = np.array(list(probes.values()))
+    with Gallery(path, MODEL, D, index=SMALL) as indexed, Gallery(path, MODEL, D) as exact:
+        assert indexed.wait_for_index(60)
+        got, want = answers(indexed, queries, 5, threshold), answers(exact, queries, 5, threshold)
+        assert got == want  # real faces: every match above the threshold found, with the exact similarity
+        assert sum(bool(w) and w[0][0] == name for w, name in zip(want, probes)) >= 20  # the data is real
+        assert_found_as_exact(answers(indexed, queries), answers(exact, queries))  # far ones may be missed
+
+
+def test_index_settings_come_from_the_environment(uniform, monkeypatch):
+    from pydantic import ValidationError
+
+    from service.gallery import open_gallery
+    from service.settings import Settings
+
+    path, _, queries = uniform
+    monkeypatch.setenv("FACE_GALLERY_INDEX_NPROBE", "0")
+    with pytest.raises(ValidationError, match="gallery_index_nprobe"):
+        Settings()
+    for name, value in (("NPROBE", "16"), ("CANDIDATES", "30"), ("MIN_IDENTITIES", "2000")):
+        monkeypatch.setenv(f"FACE_GALLERY_INDEX_{name}", value)
+    options = Settings().gallery_index_options
+    assert (options.enabled, options.nprobe, options.candidates, options.min_identities) == (True, 16, 30, 2000)
+    with open_gallery(f"sqlite:///{path}", MODEL, D, index=options) as g:
+        assert g.wait_for_index(60)  # 3,000 identities, minimum 2,000: built
+        assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
+    monkeypatch.setenv("FACE_GALLERY_INDEX", "false")
+    with open_gallery(f"sqlite:///{path}", MODEL, D, index=Settings().gallery_index_options) as g:
+        assert not g.index_in_use  # off: exact search, the persisted index left alone
+    assert (index_folder(path) / MANIFEST).exists()
