@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gallery-sizes", default="10000,100000,1000000")
     parser.add_argument("--pg-sizes", default="100000",
                         help="PostgreSQL gallery sizes (benchmarks/pg_search.py); empty to skip")
-    parser.add_argument("--ann-sizes", default="100000,1000000,10000000",
-                        help="faces per gallery for the SQLite gallery's ANN index (benchmarks/ann.py); empty to skip")
+    parser.add_argument("--ann-sizes", default="",
+                        help="faces per gallery for the SQLite gallery's ANN index (benchmarks/ann.py), e.g. "
+                        "100000,1000000,10000000 (about an hour here); empty (the default): keep the section as "
+                        "`python -m benchmarks.ann` wrote it")
     parser.add_argument("--ann-http-sizes", default="1000000,10000000",
                         help="of those, the sizes also served over HTTP (/identify, server RSS)")
     parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "data" / "weights",
@@ -375,7 +377,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "",
         *pg_search.report_lines(list(pg_rows), list(pg_http), table),
         *kept_sections(path, (pg_index_options.SECTION,)),
-        *ann.report_lines(list(ann_rows), list(ann_http), table),
+        *(ann.report_lines(list(ann_rows), list(ann_http), table) if ann_rows
+          else kept_sections(path, ("## ANN index for the SQLite gallery",))),
         *kept_sections(path, (ann.LIBRARIES_SECTION,)),
         *scale_out.report_lines(scale, table),
         *(jpeg_decoders_section(decoders) if decoders else []),
@@ -414,6 +417,8 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "make bench                     # installs the [bench] extra and face_recognition, then runs:",
         f"{command.strip()}",
         'python -m benchmarks.stream --seconds 10   # "Video streams": measured on its own; a rewrite keeps it',
+        ("python -m benchmarks.ann --sizes 100000,1000000,10000000 --out BENCHMARKS.md   # the ANN index "
+         "(about an hour)"),
         "make evaluate                  # accuracy: pairs.csv, LFW pairs (folds 6-10), detection agreement",
         "```",
         "",
