@@ -230,6 +230,17 @@ def test_invalid_options_close_the_stream_with_4422_and_say_which(server: Server
     assert ws.close_code == 4422 and ws.close_reason.startswith("invalid_parameter")
 
 
+def test_an_option_given_twice_closes_the_stream_with_4422_like_rest(server: Server) -> None:
+    """REST answers a repeated option 422 (`given more than once`); the stream must not keep one of them silently."""
+    with websockets_sync.connect(ws_url(server, "top_k=1&top_k=100")) as ws:
+        message = json.loads(ws.recv(timeout=30))
+        assert message["type"] == "error" and message["error"]["code"] == "invalid_parameter", message
+        assert [e["field"] for e in message["error"]["details"]["errors"]] == ["top_k"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+    assert ws.close_code == 4422
+
+
 @pytest.fixture(scope="module")
 def guarded(models_dir: Path, tmp_path_factory) -> Server:
     """A server with an API key, room for one stream, 5 frames a second and a 2 s idle timeout."""

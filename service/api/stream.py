@@ -131,7 +131,17 @@ def _check_key(websocket: WebSocket, settings: Settings) -> None:
 
 
 def _options(websocket: WebSocket) -> StreamOptions:
-    raw = {k: v for k, v in websocket.query_params.items() if k != KEY_QUERY_PARAMETER}
+    # `query_params.items()` keeps only the last of a repeated option; REST refuses a repeat (uploads.read_request).
+    raw: dict[str, str] = {}
+    for key, value in websocket.query_params.multi_items():
+        if key == KEY_QUERY_PARAMETER:
+            continue
+        if key in raw:
+            raise StreamRefused(
+                CLOSE_INVALID_OPTIONS, "invalid_parameter", f"invalid parameter: {key} given more than once",
+                {"errors": [{"field": key, "message": "given more than once", "type": "repeated"}]},
+            )
+        raw[key] = value
     try:
         return StreamOptions.model_validate(raw)
     except ValidationError as exc:
