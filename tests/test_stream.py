@@ -158,6 +158,26 @@ def test_small_faces_keep_every_frame_at_full_size(server: Server, faces_dir: Pa
     assert [a["detector_side"] for a in answers] == [604] * 8
 
 
+def test_faces_large_in_a_big_frame_but_small_for_the_detector_stay_on_full_frames(server: Server, faces_dir) -> None:
+    """Two ~160 px faces in a 3840x2160 frame are 27 px at the detector's working size (640) and 13 px at half of it:
+    coarse frames would lose them, so every frame stays full size and finds both."""
+    data = (faces_dir / STREAMED_PHOTO).read_bytes()
+    photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    patch = head_patch(photo, largest_box(server, data), face_width=160)
+    frame = np.full((2160, 3840, 3), 120, np.uint8)
+    for x in (800, 2400):
+        frame[900 : 900 + patch.shape[0], x : x + patch.shape[1]] = patch
+    payload = jpeg(frame)
+    with websockets_sync.connect(ws_url(server, "identify=false"), max_size=2**23) as ws:
+        answers = []
+        for _ in range(6):
+            ws.send(payload)
+            answers.append(frames_of(ws))
+    assert all(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) >= 96 for f in answers[0]["faces"])
+    assert [len(a["faces"]) for a in answers] == [2] * 6, [(a["detector_side"], len(a["faces"])) for a in answers]
+    assert [a["detector_side"] for a in answers] == [640] * 6
+
+
 def test_a_client_faster_than_the_server_gets_the_newest_frames_and_the_rest_counted_dropped(
     server: Server, scene
 ) -> None:

@@ -67,8 +67,11 @@ KEY_QUERY_PARAMETER = "api_key"
 RESEARCH_S = 1.0
 
 # Close codes: 4000 + the HTTP status the same refusal gets over REST; 1001/1009/1011 are the protocol's own.
-# Coarse frames need every face in view at least this large (px, shorter box side): at half size it is still 48 px,
-# three times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size.
+# Coarse frames need every face in view at least this large (px, shorter box side) at the detector's working size,
+# that is in the frame as the detector sees it, shrunk to its working side: at half size it is still 48 px, three
+# times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size. Measured
+# in the frame's own pixels instead, a 130 px face in a 3840x2160 frame (22 px at the working size, 11 at half)
+# vanished from every coarse frame.
 COARSE_MIN_FACE = 96
 
 CLOSE_UNAUTHORIZED = 4401
@@ -442,9 +445,11 @@ class StreamSession:
             self.runtime.pipeline.embed(image, [face for face, *_ in chosen])
             for face, track, area, sharp in chosen:
                 self.tracker.add_embedding(track, face.embedding, number, area, sharp)
-        # The next frame may be coarse if every face here is large and (when identifying) embedded.
+        # The next frame may be coarse if every face here is large (at the working size) and, when identifying,
+        # embedded.
+        working_scale = min(self.full_side, max(image.shape[:2])) / max(image.shape[:2])
         self.coarse_allowed = bool(faces) and all(
-            min(f.width, f.height) >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
+            min(f.width, f.height) * working_scale >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
             for f, t in zip(faces, tracks)
         )
         self.metrics.faces.inc(len(faces))
