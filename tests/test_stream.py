@@ -21,7 +21,7 @@ from server_process import Server, running_server
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the websockets package is not installed")
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.video_scene import head_patch, jpeg, moving_heads
+from benchmarks.video_scene import background, head_patch, jpeg, moving_heads, paste
 
 ENROLLED_PHOTO, STREAMED_PHOTO, STRANGER_PHOTO = "pairs/img20.jpg", "pairs/img21.jpg", "pairs/img3.jpg"
 API_KEY = "stream-test-key-0123456789"
@@ -189,6 +189,46 @@ def test_two_frames_in_flight_still_answer_in_order_and_count_every_frame(models
                         FACE_STREAM_FULL_DETECTION_EVERY="1") as two:
         answers = flood(two, scene)
     assert {a["detector_side"] for a in answers} == {640}  # coarse frames off
+
+
+def test_a_small_face_stays_found_with_two_frames_in_flight_and_coarse_frames_on(
+    models_dir, tmp_path, server: Server, faces_dir: Path
+) -> None:
+    """A small face (24 px: too small for a coarse frame) walks into a scene of one large face while the client keeps
+    two frames unanswered, as /demo does. Once found it keeps every frame full size and is found on (almost) every
+    frame, not on one in FACE_STREAM_FULL_DETECTION_EVERY."""
+    def patch(name: str, width: int) -> np.ndarray:
+        data = (faces_dir / name).read_bytes()
+        return head_patch(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), largest_box(server, data),
+                          face_width=width)
+
+    big, small = patch(STREAMED_PHOTO, 130), patch(STRANGER_PHOTO, 24)
+    frames, room = [], background()
+    for t in range(40):
+        frame = room.copy()
+        paste(frame, big, 40 + t, 100)
+        if t >= 12:
+            paste(frame, small, 450, 200)
+        frames.append(jpeg(frame))
+    with (
+        running_server(models_dir, tmp_path, FACE_STREAM_MAX_FPS="1000", FACE_STREAM_FRAMES_IN_FLIGHT="2") as two,
+        websockets_sync.connect(ws_url(two), max_size=2**22) as ws,
+    ):
+        json.loads(ws.recv(timeout=30))
+        ws.send(frames[0])
+        ws.send(frames[1])
+        sent, answers = 2, []
+        while not answers or answers[-1]["frame"] < len(frames):  # a frame may be dropped: latest frame wins
+            answers.append(frames_of(ws))
+            if sent < len(frames):
+                ws.send(frames[sent])
+                sent += 1
+    pattern = " ".join(f"{a['frame']}{'c' if a['detector_side'] < 640 else 'F'}{len(a['faces'])}" for a in answers)
+    assert any(a["detector_side"] < 640 for a in answers if a["frame"] <= 12), pattern  # coarse while it is alone
+    found = next(a["frame"] for a in answers if a["frame"] > 13 and len(a["faces"]) == 2)
+    assert found <= 13 + 4, pattern  # it comes into view on frame 13 (frames[12])
+    after = [a for a in answers if a["frame"] > found + 2]
+    assert len(after) >= 15 and sum(len(a["faces"]) == 2 for a in after) >= 0.9 * len(after), pattern
 
 
 def flood(server: Server, scene) -> list[dict]:

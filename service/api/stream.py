@@ -448,10 +448,15 @@ class StreamSession:
         # The next frame may be coarse if every face here is large (at the working size) and, when identifying,
         # embedded.
         working_scale = min(self.full_side, max(image.shape[:2])) / max(image.shape[:2])
-        self.coarse_allowed = bool(faces) and all(
+        allowed = bool(faces) and all(
             min(f.width, f.height) * working_scale >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
             for f, t in zip(faces, tracks)
         )
+        # Only a full frame may allow coarse ones; a coarse frame may only end them. A coarse frame is blind to the
+        # small faces that keep frames full, and with two frames in flight one is dispatched before the frame ahead
+        # of it is tracked: a coarse frame that followed the full frame which found a small face re-allowed coarse
+        # frames, and the small face was then seen on one frame in FACE_STREAM_FULL_DETECTION_EVERY.
+        self.coarse_allowed = allowed if full else self.coarse_allowed and allowed
         self.metrics.faces.inc(len(faces))
         self.metrics.stream_embeddings.inc(len(chosen))
         return tracks, {track.track_id for _, track, *_ in chosen}
