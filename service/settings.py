@@ -277,7 +277,8 @@ class Settings(BaseSettings):
         "only doubles each frame's time."
     )
     stream_full_detection_every: int = Field(
-        5, ge=1, le=1000, description="While every face in view is at least 96 px and embedded, a stream's frames "
+        5, ge=1, le=1000, description="While every face in view is at least 96 px at the detector's working size "
+        "and embedded, a stream's frames "
         "are searched for faces at half the detector's working size (a quarter of the cost), except every Nth, "
         "searched at full size so that a small face coming into view is found within N frames. 1: every frame at "
         "full size."

@@ -185,3 +185,32 @@ def test_head_on_a_post_route_is_405_naming_post(server: Server) -> None:
     response = httpx.head(server.url + "/detect")
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
+
+
+def upgrade_request(target: str, extra_headers: bytes = b"") -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    ).encode() + extra_headers + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (upgrade_request("/stream?top_k=" + "1" * 9000), 414, "uri_too_long"),
+        (upgrade_request("/stream", b"X-API-Key: " + b"k" * 9000 + b"\r\n"), 431, "headers_too_large"),
+        (upgrade_request("/stream", b"".join(b"X-%d: 1\r\n" % i for i in range(130))), 431, "headers_too_large"),
+    ],
+    ids=["long-request-line", "long-header", "many-headers"],
+)
+def test_a_websocket_upgrade_too_large_for_the_websocket_parser_is_answered_not_held(
+    server: Server, request_bytes: bytes, status: int, code: str
+) -> None:
+    """websockets' parser refuses these (lines over 8 KiB, over 128 headers) with a response uvicorn never sends:
+    without an answer here the client waited for ever on a connection the server held open."""
+    got, headers, body, elapsed = raw_exchange(server, request_bytes, wait_s=10)
+    assert (got, json_error(headers, body)["code"]) == (status, code), body
+    assert elapsed < 5
+    # Just under the limits the upgrade still goes through (to the stream's own 4422 for the bad option).
+    got, _, _, _ = raw_exchange(server, upgrade_request("/stream?top_k=" + "1" * 8000), wait_s=3)
+    assert got == 101

@@ -21,7 +21,7 @@ from server_process import Server, running_server
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the websockets package is not installed")
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.video_scene import head_patch, jpeg, moving_heads
+from benchmarks.video_scene import background, head_patch, jpeg, moving_heads, paste
 
 ENROLLED_PHOTO, STREAMED_PHOTO, STRANGER_PHOTO = "pairs/img20.jpg", "pairs/img21.jpg", "pairs/img3.jpg"
 API_KEY = "stream-test-key-0123456789"
@@ -158,6 +158,26 @@ def test_small_faces_keep_every_frame_at_full_size(server: Server, faces_dir: Pa
     assert [a["detector_side"] for a in answers] == [604] * 8
 
 
+def test_faces_large_in_a_big_frame_but_small_for_the_detector_stay_on_full_frames(server: Server, faces_dir) -> None:
+    """Two ~160 px faces in a 3840x2160 frame are 27 px at the detector's working size (640) and 13 px at half of it:
+    coarse frames would lose them, so every frame stays full size and finds both."""
+    data = (faces_dir / STREAMED_PHOTO).read_bytes()
+    photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    patch = head_patch(photo, largest_box(server, data), face_width=160)
+    frame = np.full((2160, 3840, 3), 120, np.uint8)
+    for x in (800, 2400):
+        frame[900 : 900 + patch.shape[0], x : x + patch.shape[1]] = patch
+    payload = jpeg(frame)
+    with websockets_sync.connect(ws_url(server, "identify=false"), max_size=2**23) as ws:
+        answers = []
+        for _ in range(6):
+            ws.send(payload)
+            answers.append(frames_of(ws))
+    assert all(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) >= 96 for f in answers[0]["faces"])
+    assert [len(a["faces"]) for a in answers] == [2] * 6, [(a["detector_side"], len(a["faces"])) for a in answers]
+    assert [a["detector_side"] for a in answers] == [640] * 6
+
+
 def test_a_client_faster_than_the_server_gets_the_newest_frames_and_the_rest_counted_dropped(
     server: Server, scene
 ) -> None:
@@ -169,6 +189,46 @@ def test_two_frames_in_flight_still_answer_in_order_and_count_every_frame(models
                         FACE_STREAM_FULL_DETECTION_EVERY="1") as two:
         answers = flood(two, scene)
     assert {a["detector_side"] for a in answers} == {640}  # coarse frames off
+
+
+def test_a_small_face_stays_found_with_two_frames_in_flight_and_coarse_frames_on(
+    models_dir, tmp_path, server: Server, faces_dir: Path
+) -> None:
+    """A small face (24 px: too small for a coarse frame) walks into a scene of one large face while the client keeps
+    two frames unanswered, as /demo does. Once found it keeps every frame full size and is found on (almost) every
+    frame, not on one in FACE_STREAM_FULL_DETECTION_EVERY."""
+    def patch(name: str, width: int) -> np.ndarray:
+        data = (faces_dir / name).read_bytes()
+        return head_patch(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), largest_box(server, data),
+                          face_width=width)
+
+    big, small = patch(STREAMED_PHOTO, 130), patch(STRANGER_PHOTO, 24)
+    frames, room = [], background()
+    for t in range(40):
+        frame = room.copy()
+        paste(frame, big, 40 + t, 100)
+        if t >= 12:
+            paste(frame, small, 450, 200)
+        frames.append(jpeg(frame))
+    with (
+        running_server(models_dir, tmp_path, FACE_STREAM_MAX_FPS="1000", FACE_STREAM_FRAMES_IN_FLIGHT="2") as two,
+        websockets_sync.connect(ws_url(two), max_size=2**22) as ws,
+    ):
+        json.loads(ws.recv(timeout=30))
+        ws.send(frames[0])
+        ws.send(frames[1])
+        sent, answers = 2, []
+        while not answers or answers[-1]["frame"] < len(frames):  # a frame may be dropped: latest frame wins
+            answers.append(frames_of(ws))
+            if sent < len(frames):
+                ws.send(frames[sent])
+                sent += 1
+    pattern = " ".join(f"{a['frame']}{'c' if a['detector_side'] < 640 else 'F'}{len(a['faces'])}" for a in answers)
+    assert any(a["detector_side"] < 640 for a in answers if a["frame"] <= 12), pattern  # coarse while it is alone
+    found = next(a["frame"] for a in answers if a["frame"] > 13 and len(a["faces"]) == 2)
+    assert found <= 13 + 4, pattern  # it comes into view on frame 13 (frames[12])
+    after = [a for a in answers if a["frame"] > found + 2]
+    assert len(after) >= 15 and sum(len(a["faces"]) == 2 for a in after) >= 0.9 * len(after), pattern
 
 
 def flood(server: Server, scene) -> list[dict]:
@@ -228,6 +288,17 @@ def test_invalid_options_close_the_stream_with_4422_and_say_which(server: Server
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=30)
     assert ws.close_code == 4422 and ws.close_reason.startswith("invalid_parameter")
+
+
+def test_an_option_given_twice_closes_the_stream_with_4422_like_rest(server: Server) -> None:
+    """REST answers a repeated option 422 (`given more than once`); the stream must not keep one of them silently."""
+    with websockets_sync.connect(ws_url(server, "top_k=1&top_k=100")) as ws:
+        message = json.loads(ws.recv(timeout=30))
+        assert message["type"] == "error" and message["error"]["code"] == "invalid_parameter", message
+        assert [e["field"] for e in message["error"]["details"]["errors"]] == ["top_k"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+    assert ws.close_code == 4422
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,11 @@ KEY_QUERY_PARAMETER = "api_key"
 RESEARCH_S = 1.0
 
 # Close codes: 4000 + the HTTP status the same refusal gets over REST; 1001/1009/1011 are the protocol's own.
-# Coarse frames need every face in view at least this large (px, shorter box side): at half size it is still 48 px,
-# three times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size.
+# Coarse frames need every face in view at least this large (px, shorter box side) at the detector's working size,
+# that is in the frame as the detector sees it, shrunk to its working side: at half size it is still 48 px, three
+# times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size. Measured
+# in the frame's own pixels instead, a 130 px face in a 3840x2160 frame (22 px at the working size, 11 at half)
+# vanished from every coarse frame.
 COARSE_MIN_FACE = 96
 
 CLOSE_UNAUTHORIZED = 4401
@@ -131,7 +134,17 @@ def _check_key(websocket: WebSocket, settings: Settings) -> None:
 
 
 def _options(websocket: WebSocket) -> StreamOptions:
-    raw = {k: v for k, v in websocket.query_params.items() if k != KEY_QUERY_PARAMETER}
+    # `query_params.items()` keeps only the last of a repeated option; REST refuses a repeat (uploads.read_request).
+    raw: dict[str, str] = {}
+    for key, value in websocket.query_params.multi_items():
+        if key == KEY_QUERY_PARAMETER:
+            continue
+        if key in raw:
+            raise StreamRefused(
+                CLOSE_INVALID_OPTIONS, "invalid_parameter", f"invalid parameter: {key} given more than once",
+                {"errors": [{"field": key, "message": "given more than once", "type": "repeated"}]},
+            )
+        raw[key] = value
     try:
         return StreamOptions.model_validate(raw)
     except ValidationError as exc:
@@ -432,11 +445,18 @@ class StreamSession:
             self.runtime.pipeline.embed(image, [face for face, *_ in chosen])
             for face, track, area, sharp in chosen:
                 self.tracker.add_embedding(track, face.embedding, number, area, sharp)
-        # The next frame may be coarse if every face here is large and (when identifying) embedded.
-        self.coarse_allowed = bool(faces) and all(
-            min(f.width, f.height) >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
+        # The next frame may be coarse if every face here is large (at the working size) and, when identifying,
+        # embedded.
+        working_scale = min(self.full_side, max(image.shape[:2])) / max(image.shape[:2])
+        allowed = bool(faces) and all(
+            min(f.width, f.height) * working_scale >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
             for f, t in zip(faces, tracks)
         )
+        # Only a full frame may allow coarse ones; a coarse frame may only end them. A coarse frame is blind to the
+        # small faces that keep frames full, and with two frames in flight one is dispatched before the frame ahead
+        # of it is tracked: a coarse frame that followed the full frame which found a small face re-allowed coarse
+        # frames, and the small face was then seen on one frame in FACE_STREAM_FULL_DETECTION_EVERY.
+        self.coarse_allowed = allowed if full else self.coarse_allowed and allowed
         self.metrics.faces.inc(len(faces))
         self.metrics.stream_embeddings.inc(len(chosen))
         return tracks, {track.track_id for _, track, *_ in chosen}
