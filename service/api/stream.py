@@ -384,7 +384,8 @@ class StreamSession:
         score = options.min_score if options.min_score is not None else settings.detection_score_threshold
         limit = min(options.max_faces or settings.max_faces, settings.max_faces)
         side = min(self.full_side, max(image.shape[:2]))
-        if self.coarse_allowed and self.coarse_run < self.full_every - 1:
+        # A frame too small to halve (the detector searches no less than 32 px) is searched whole.
+        if self.coarse_allowed and self.coarse_run < self.full_every - 1 and side >= 64:
             self.coarse_run += 1
             side //= 2
         else:
