@@ -17,21 +17,33 @@ from service.settings import Settings
 
 # Blocks of this size and more get their own memory mapping, returned to the OS when freed.
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+# Free memory at the top of a heap is handed back to the OS only beyond this much.
+TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
 
 
 def return_large_blocks_to_the_os() -> None:
-    """Fix glibc malloc's mmap threshold. By default it rises (up to 32 MiB) each time a large block is freed;
-    from then on request bodies and images come from the heap, and the heap keeps them after the request.
-    Measured on a real server: RSS 158 -> 335 MB after one 267 MB JSON /enroll and still 300 MB later; with
-    the fixed threshold it went back to 159 MB. MALLOC_MMAP_THRESHOLD_ in the environment still wins."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
+    """Fix glibc malloc's mmap threshold, and keep a working set's worth of freed memory in the heaps.
+
+    The mmap threshold: by default it rises (up to 32 MiB) each time a large block is freed; from then on request
+    bodies and images come from the heap, and the heap keeps them after the request. Measured on a real server:
+    RSS 158 -> 335 MB after one 267 MB JSON /enroll and still 300 MB later; with the fixed threshold it went back
+    to 159 MB.
+
+    The trim threshold: fixing the mmap threshold also fixes the trim threshold at its default, 128 KiB, so each
+    inference thread's heap gave back the pages of every request's images and blobs when the request ended, and
+    the next request faulted them in again: measured, about 1,770 page faults per /detect of a 640x480 JPEG and
+    3,540 per /verify. With 64 MiB: none (2 per request), /verify p50 a few ms lower, RSS about 17 MB higher.
+    Blocks of 4 MiB and more still come and go as mappings. MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in
+    the environment still win."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, macOS): their allocators behave differently, nothing to set
         return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc.mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES)
 
 
 def main() -> int:
