@@ -208,7 +208,7 @@ class RetinaFaceDetector:
 def _dnn_layout(layout: str) -> int:
     """OpenCV's constant for a blob layout (module `cv2` in OpenCV 5, `cv2.dnn` in 4.x)."""
     name = f"DNN_LAYOUT_{layout}"
-    return getattr(cv2, name, None) if hasattr(cv2, name) else getattr(cv2.dnn, name)
+    return getattr(cv2 if hasattr(cv2, name) else cv2.dnn, name)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

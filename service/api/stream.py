@@ -66,7 +66,6 @@ KEY_QUERY_PARAMETER = "api_key"
 # (or deleted) while the face is in view shows within this time.
 RESEARCH_S = 1.0
 
-# Close codes: 4000 + the HTTP status the same refusal gets over REST; 1001/1009/1011 are the protocol's own.
 # Coarse frames need every face in view at least this large (px, shorter box side) at the detector's working size,
 # that is in the frame as the detector sees it, shrunk to its working side: at half size it is still 48 px, three
 # times RetinaFace's smallest anchor (16 px), where the detector finds faces as reliably as at full size. Measured
@@ -74,6 +73,7 @@ RESEARCH_S = 1.0
 # vanished from every coarse frame.
 COARSE_MIN_FACE = 96
 
+# Close codes: 4000 + the HTTP status the same refusal gets over REST; 1001/1009/1011 are the protocol's own.
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_IDLE = 4408
 CLOSE_INVALID_OPTIONS = 4422
@@ -383,7 +383,7 @@ class StreamSession:
                                         max_pixels=settings.stream_max_frame_pixels)
         score = options.min_score if options.min_score is not None else settings.detection_score_threshold
         limit = min(options.max_faces or settings.max_faces, settings.max_faces)
-        side = min(self.full_side, max(image.shape[:2]))
+        side = self._full_side_of(image)
         # A frame too small to halve (the detector searches no less than 32 px) is searched whole.
         if self.coarse_allowed and self.coarse_run < self.full_every - 1 and side >= 64:
             self.coarse_run += 1
@@ -393,6 +393,11 @@ class StreamSession:
         faces = runtime.pipeline.detect(image, score_threshold=score, min_face_size=options.min_face_size,
                                         max_faces=limit, max_side=side)
         return image, faces, side
+
+    def _full_side_of(self, image: np.ndarray) -> int:
+        """The longer side a full-size search of this frame looks at: the detector's working size, or the frame's
+        own when it is smaller."""
+        return min(self.full_side, max(image.shape[:2]))
 
     def _whole(self, data: bytes) -> tuple[np.ndarray, list[Face], int, list[Track], set[int]]:
         image, faces, side = self._detect(data)
@@ -435,7 +440,8 @@ class StreamSession:
         boxes = np.array([f.box for f in faces], np.float32).reshape(-1, 4)
         points = np.array([f.landmarks for f in faces], np.float32).reshape(-1, 5, 2)
         tracks = self.tracker.update(number, boxes, points)
-        full = side >= min(self.full_side, max(image.shape[:2]))
+        full_side = self._full_side_of(image)
+        full = side >= full_side
         chosen: list[tuple[Face, Track, float, float]] = []
         if self.options.identify and faces and full:
             green = image[..., 1]  # sharpness needs one channel, not a colour conversion
@@ -448,7 +454,7 @@ class StreamSession:
                 self.tracker.add_embedding(track, face.embedding, number, area, sharp)
         # The next frame may be coarse if every face here is large (at the working size) and, when identifying,
         # embedded.
-        working_scale = min(self.full_side, max(image.shape[:2])) / max(image.shape[:2])
+        working_scale = full_side / max(image.shape[:2])
         allowed = bool(faces) and all(
             min(f.width, f.height) * working_scale >= COARSE_MIN_FACE and (t.embeddings or not self.options.identify)
             for f, t in zip(faces, tracks)
