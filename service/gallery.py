@@ -1391,8 +1391,7 @@ class Gallery(GalleryStore):
         norms), then the same selection."""
         snap, options = self._snap, self._index
         q = query[None, :]
-        rows = snap.candidates(q, max(options.candidates, top_k), options.nprobe)[0]
-        rows = np.sort(rows[rows >= 0])
+        rows = np.sort(snap.candidates(q, max(options.candidates, top_k), options.nprobe))
         rows = rows[~self._retired[rows]]
         n = len(self._row_ids)
         delta = shortlist((q @ self._sums[:n].T)[0] / np.maximum(self._norms[:n], 1e-12), top_k, threshold)

@@ -11,7 +11,8 @@ that sum's length, service/gallery.py). A build writes one *snapshot* into `<gal
                       not read and sum every face blob again;
 - `<tag>.ivf.faiss`   a faiss inverted-file index (k-means cells, vectors stored product-quantised for SIMD
                       "fast-scan"), whose candidates are re-ranked exactly: the index only decides which identities
-                      are scored, never the score;
+                      are scored, never the score. Each template is filed in its two nearest cells ("spilling"),
+                      so a query that lands just across a cell border from a face still scans a cell holding it;
 - `manifest.json`     written last (atomically): the model, sizes, and the change sequence number the snapshot
                       reflects (the gallery's `template_changes` log, see service/gallery.py).
 
@@ -36,13 +37,19 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: each template in its two nearest cells (format 1 snapshots are rebuilt)
 MANIFEST = "manifest.json"
 # k-means on a sample: 40 points per cell (faiss warns below 39), 10 iterations. Training costs
 # cells x sample x D per iteration, so a sample (not every template) keeps it to minutes at 10M faces.
 TRAIN_POINTS_PER_CELL = 40
 TRAIN_ITERATIONS = 10
 ADD_CHUNK = 200_000
+# Cells each template is filed in. Measured on uniform random templates, the hard case for k-means cells, with
+# planted queries 0.75 from their face: at 10M templates in 16,384 cells, the face's own cell was among the
+# query's 512 nearest for 95.0 % of queries, one of its two nearest cells for 99.6 %. Scanning twice the codes per
+# cell costs less than scanning twice the cells for the same recall (1,024 cells: 98.7 %). BENCHMARKS.md has the
+# search-time side.
+SPILL = 2
 
 
 @dataclass(frozen=True)
@@ -138,9 +145,10 @@ class Snapshot:
             _spot_check(sums, norms)
             faiss = _faiss()
             index = faiss.read_index(str(folder / f"{tag}.ivf.faiss"))
-            if index.ntotal != n or index.d != embedding_size:
-                raise SnapshotUnusable(f"index holds {index.ntotal} vectors of {index.d}, expected {n} of "
-                                       f"{embedding_size}")
+            if index.ntotal != int(manifest["entries"]) or not n <= index.ntotal <= SPILL * n \
+                    or index.d != embedding_size:
+                raise SnapshotUnusable(f"index holds {index.ntotal} entries of {index.d}, expected "
+                                       f"{manifest['entries']} for {n} identities of {embedding_size}")
         except SnapshotUnusable:
             raise
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # truncated, garbled, missing
@@ -158,14 +166,18 @@ class Snapshot:
         return self.ids[row].decode()
 
     def candidates(self, q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        """(m, k) rows the index proposes for each query (-1 where it has fewer)."""
+        """Up to k distinct rows the index proposes for one query (1, D), nearest first."""
         faiss = _faiss()
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         if self._graph_quantizer:  # the graph must explore at least as many centres as cells are scanned
             params = faiss.SearchParametersIVF(nprobe=nprobe,
                                                quantizer_params=faiss.SearchParametersHNSW(efSearch=max(16, nprobe)))
-        _, rows = self.index.search(q, min(k, len(self.ids)), params=params)
-        return rows
+        # A template filed in two scanned cells comes back twice (same code, same distance): ask for enough
+        # entries to still have k distinct rows.
+        _, rows = self.index.search(q, min(k * SPILL, self.index.ntotal), params=params)
+        rows = rows[0][rows[0] >= 0]
+        _, first = np.unique(rows, return_index=True)
+        return rows[np.sort(first)][:k]
 
 
 def _spot_check(sums: np.ndarray, norms: np.ndarray, samples: int = 256) -> None:
@@ -219,11 +231,23 @@ class SnapshotWriter:
         progress(0, self.n, f"training {cells} cells on {len(sample)} templates")
         index.train(train)
         del train
+        # faiss's own `add` files a vector in its nearest cell only, so the cells are filled here: every
+        # template's code and two nearest cells a chunk at a time, then each cell's entries in one call.
+        ivf = faiss.downcast_index(ivf)
+        codes = np.empty((self.n, ivf.pq.code_size), np.uint8)
+        assigned = np.empty((self.n, SPILL), np.int64)
         for start in range(0, self.n, ADD_CHUNK):
             if stop():
                 return None
-            index.add(self._unit(start, min(self.n, start + ADD_CHUNK)))
-            progress(min(self.n, start + ADD_CHUNK), self.n, "adding")
+            end = min(self.n, start + ADD_CHUNK)
+            unit = self._unit(start, end)
+            codes[start:end] = ivf.pq.compute_codes(unit)
+            _, assigned[start:end] = ivf.quantizer.search(unit, SPILL)
+            progress(end, self.n, "assigning")
+        if stop():
+            return None
+        _fill_cells(faiss, ivf, codes, assigned)
+        index.ntotal = ivf.ntotal
         return index
 
     def commit(self, index: Any, manifest: dict) -> None:
@@ -234,6 +258,7 @@ class SnapshotWriter:
         for name in ("ids.npy", "sums.npy", "norms.npy", "counts.npy", "ivf.faiss"):
             _fsync(self._path(name))
         manifest = {**manifest, "format": FORMAT, "tag": self.tag, "identities": self.n, "index": self.factory,
+                    "entries": int(index.ntotal), "cells_per_template": SPILL,
                     "faces": int(np.asarray(self.counts).sum(dtype=np.int64))}
         temporary = self.folder / f"{MANIFEST}.{self.tag}.tmp"
         temporary.write_text(json.dumps(manifest, indent=1))
@@ -246,6 +271,35 @@ class SnapshotWriter:
         del self.ids, self.sums, self.norms, self.counts
         for path in self.folder.glob(f"{self.tag}.*"):
             path.unlink(missing_ok=True)
+
+
+def _fill_cells(faiss, ivf: Any, codes: np.ndarray, assigned: np.ndarray) -> None:
+    """File row r's code in each cell of `assigned[r]` (-1: none), as fast-scan's blocks of packed codes.
+
+    Each cell's entries go in with one `add_entries` call on the empty list: faiss's BlockInvertedLists copies
+    whole packed blocks only when a list is empty or fills up exactly, so everything for a cell is packed here."""
+    cells = assigned.ravel()
+    rows = np.repeat(np.arange(len(assigned), dtype=np.int64), assigned.shape[1])
+    keep = cells >= 0
+    cells, rows = cells[keep], rows[keep]
+    order = np.argsort(cells, kind="stable")
+    cells, rows = cells[order], rows[order]
+    bounds = np.searchsorted(cells, np.arange(ivf.nlist + 1))
+    packer = ivf.get_CodePacker()
+    per_block, block_bytes = packer.nvec, packer.block_size
+    lists = ivf.invlists
+    for cell in range(ivf.nlist):
+        members = rows[bounds[cell]:bounds[cell + 1]]
+        if not len(members):
+            continue
+        blocks = -(-len(members) // per_block)
+        flat = np.zeros((blocks * per_block, codes.shape[1]), np.uint8)
+        flat[: len(members)] = codes[members]
+        packed = np.empty(blocks * block_bytes, np.uint8)
+        for b in range(blocks):
+            packer.pack_all(faiss.swig_ptr(flat[b * per_block:]), faiss.swig_ptr(packed[b * block_bytes:]))
+        lists.add_entries(cell, len(members), faiss.swig_ptr(members), faiss.swig_ptr(packed))
+    ivf.ntotal = len(rows)
 
 
 def remove_other_tags(folder: Path, keep: str | None) -> None:

@@ -85,6 +85,27 @@ def test_index_built_in_background_agrees_with_exact_search(uniform):
         assert found >= 38, f"the index found {found} of 40 planted matches"
 
 
+def test_each_template_is_filed_in_its_two_nearest_cells(uniform):
+    """Spilling: a query just across a cell border from a face still finds it in the neighbouring cell. The
+    cells hold each template twice, a search proposes it once, and a face is found by scanning either cell."""
+    import faiss
+
+    path, vectors, queries = uniform
+    with Gallery(path, MODEL, D, index=SMALL) as gallery:
+        assert gallery.wait_for_index(60)
+        snap = gallery._snap
+        ivf = faiss.extract_index_ivf(snap.index)
+        assert snap.index.ntotal == 2 * len(snap) == 2 * len(vectors)
+        rows = snap.candidates(queries[:1], 500, 64)
+        assert len(rows) == len(set(rows.tolist())) == 500
+        _, cells = ivf.quantizer.search(vectors[:20], 2)
+        for i, (template, (nearest, second)) in enumerate(zip(vectors[:20], cells)):
+            row = snap.row_of(f"p{i:06d}")
+            for cell in (nearest, second):  # scanning that one cell alone finds the face, exactly scored
+                _, found = ivf.search_preassigned(template[None], 1, np.array([[cell]]), np.zeros((1, 1), np.float32))
+                assert found[0, 0] == row
+
+
 def test_changes_are_visible_at_once_and_deleted_identities_never_return(uniform):
     path, vectors, queries = uniform
     rng = np.random.default_rng(8)
