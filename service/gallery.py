@@ -65,7 +65,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
-from service.template_index import IndexOptions, Snapshot, SnapshotUnusable, SnapshotWriter, index_folder
+from service.template_index import (
+    IndexOptions,
+    Snapshot,
+    SnapshotUnusable,
+    SnapshotWriter,
+    available_threads,
+    index_folder,
+)
 from service.vectors import UNIT_TOLERANCE, similarity
 
 log = logging.getLogger(__name__)
@@ -1488,10 +1495,3 @@ def exact_similarities(sums: np.ndarray, norms: np.ndarray, query: np.ndarray) -
     with it."""
     wide = np.asarray(sums, dtype=np.float64) * np.asarray(query, dtype=np.float64)
     return wide.sum(axis=1) / np.maximum(np.asarray(norms, dtype=np.float64), 1e-12)
-
-
-def available_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

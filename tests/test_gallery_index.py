@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from service.gallery import Gallery, ImportedIdentity
+from service import template_index
 from service.template_index import MANIFEST, IndexOptions, index_folder
 
 D = 192
@@ -85,7 +86,7 @@ def test_index_built_in_background_agrees_with_exact_search(uniform):
         assert found >= 38, f"the index found {found} of 40 planted matches"
 
 
-def test_each_template_is_filed_in_its_two_nearest_cells(uniform):
+def test_each_template_is_filed_in_its_two_nearest_cells(uniform, monkeypatch):
     """Spilling: a query just across a cell border from a face still finds it in the neighbouring cell. The
     cells hold each template twice, a search proposes it once, and a face is found by scanning either cell."""
     import faiss
@@ -98,6 +99,15 @@ def test_each_template_is_filed_in_its_two_nearest_cells(uniform):
         assert snap.index.ntotal == 2 * len(snap) == 2 * len(vectors)
         rows = snap.candidates(queries[:1], 500, 64)
         assert len(rows) == len(set(rows.tolist())) == 500
+        # The cells are scanned on two threads (half each, from SPLIT_FROM cells) or on one: the same candidates
+        # (up to ties of the 4-bit codes' coarse distances at the cut), every row once when all are asked for.
+        for q in queries[:10]:
+            two, every_two = snap.candidates(q[None], 100, 256), snap.candidates(q[None], 5000, 256)
+            with monkeypatch.context() as m:
+                m.setattr(template_index, "_second_thread", lambda: None)
+                one, every_one = snap.candidates(q[None], 100, 256), snap.candidates(q[None], 5000, 256)
+            assert len(one) == len(two) == 100 and len(set(one.tolist()) & set(two.tolist())) >= 90
+            assert sorted(every_one.tolist()) == sorted(every_two.tolist()) == list(range(3000))
         _, cells = ivf.quantizer.search(vectors[:20], 2)
         for i, (template, (nearest, second)) in enumerate(zip(vectors[:20], cells)):
             row = snap.row_of(f"p{i:06d}")
