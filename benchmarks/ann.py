@@ -295,7 +295,8 @@ def report_lines(rows: list[dict], http: list[dict], table) -> list[str]:
          "threshold). Candidates are re-ranked exactly, so every similarity returned is exact search's. "
          f"Index: `{factory_for(10**6, D).split(',')[1]}` fast-scan codes in IVF cells (about 4 sqrt(N): "
          + ", ".join(f"{factory_for(n, D).split(',')[0]} at {n:,}" for n in sorted({r['identities'] for r in rows}))
-         + f"), {shipped.candidates} candidates re-ranked; the service ships nprobe {shipped.nprobe} "
+         + "), each template filed in its two nearest cells (spilling), a query's cells scanned half on each of two "
+         f"threads; {shipped.candidates} candidates re-ranked; the service ships nprobe {shipped.nprobe} "
          "(`FACE_GALLERY_INDEX_NPROBE`). Build: from the templates in memory, on the 2 cores. Start-up: opening "
          "the gallery on its persisted index (exact load: the same without one, reading every face). Sizes: "
          "the index folder (templates float32 memory-mapped + the IVF file), beside the database."),
