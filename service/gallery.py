@@ -87,6 +87,7 @@ MAX_METADATA_DEPTH = 32
 SQLITE_MAX_INTEGER = 2**63 - 1
 # Queries are scored in chunks so that the (queries x faces) score matrix stays under ~128 MB.
 _SCORE_BUDGET = 32 * 1024 * 1024
+_ID_LOOKUP_CHUNK = 500  # ids per `IN (...)` lookup: well under SQLite's limit on bound parameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -812,7 +813,8 @@ class Gallery(GalleryStore):
 
     def _open(self) -> None:
         started = time.perf_counter()
-        self._names: dict[str, str | None] = dict(self._db.execute("SELECT id, display_name FROM identities"))
+        # Identities' names and existence are read from the database when needed, not held in memory: loading
+        # them took 1.85 s per million identities at every start, and a dictionary of them about 100 MB.
         self._reset_delta(0)
         self._faces = 0
         source = "an index snapshot"
@@ -827,7 +829,7 @@ class Gallery(GalleryStore):
             "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded from %s in %.2f s "
             "(%d faces of other models)",
             self.path,
-            len(self._names),
+            self.count_identities(),
             self.count_searchable_identities(),
             self._faces,
             self.model_sha256[:12],
@@ -1207,16 +1209,12 @@ class Gallery(GalleryStore):
             # Committed: only now does the in-memory index change, so it never holds what the disk lacks.
             self._set_template(identity_id, total.astype(np.float32), previous[1] + len(vectors))
             self._faces += len(vectors)
-            if display_name is not None or identity_id not in self._names:
-                self._names[identity_id] = (
-                    display_name if display_name is not None else self._names.get(identity_id)
-                )
         self._maybe_rebuild()
 
     def _write_new_identities(self, batch: CheckedImport) -> int:
         with self._lock:
-            # One process owns the file (module docstring), so the names it loaded are every identity there is.
-            batch = batch.only([i not in self._names for i in batch.identity_ids])
+            existing = self._existing(batch.identity_ids)
+            batch = batch.only([i not in existing for i in batch.identity_ids])
             if not batch.identity_ids:
                 return 0
             blob = memoryview(batch.vectors.astype("<f4").tobytes())  # each face's BLOB a slice of it, not a copy
@@ -1243,7 +1241,6 @@ class Gallery(GalleryStore):
             stored = self._sums[first:needed].astype(np.float64)
             self._norms[first:needed] = np.sqrt(np.einsum("ij,ij->i", stored, stored))
             self._row_of.update(zip(batch.identity_ids, range(first, needed)))
-            self._names.update(zip(batch.identity_ids, batch.display_names))
             self._row_ids.extend(batch.identity_ids)
             self._faces += len(batch.face_ids)
             if self._touched is not None:
@@ -1266,7 +1263,6 @@ class Gallery(GalleryStore):
             found = self._current(identity_id)
             self._faces -= 0 if found is None else found[1]
             self._drop_template(identity_id)
-            self._names.pop(identity_id, None)
             self._purge_wal()
         self._maybe_rebuild()
         return len(face_ids)
@@ -1280,7 +1276,7 @@ class Gallery(GalleryStore):
                     "DELETE FROM faces WHERE face_id = ? AND identity_id = ?", (face_id, identity_id)
                 )
                 if cursor.rowcount == 0:
-                    raise face_missing(identity_id, face_id, identity_id in self._names)
+                    raise face_missing(identity_id, face_id, bool(self._existing([identity_id])))
             # Rebuilt from what is stored, not subtracted: no rounding drift, and a face of another model
             # (never in the template) changes nothing.
             remaining = self._stored_faces(identity_id)
@@ -1404,20 +1400,19 @@ class Gallery(GalleryStore):
         delta = shortlist((q @ self._sums[:n].T)[0] / np.maximum(self._norms[:n], 1e-12), top_k, threshold)
         scores = np.concatenate([exact_similarities(snap.sums[rows], snap.norms[rows], query),
                                  exact_similarities(self._sums[delta], self._norms[delta], query)])
-        matches = []
+        found = []
         for i in pick(scores, top_k, threshold):
             if i < len(rows):
                 identity_id, faces = snap.id_at(int(rows[i])), int(snap.counts[rows[i]])
             else:
                 row = int(delta[i - len(rows)])
                 identity_id, faces = self._row_ids[row], int(self._counts[row])
-            matches.append(Match(identity_id=identity_id, similarity=float(np.clip(scores[i], -1.0, 1.0)),
-                                 faces=faces, display_name=self._names.get(identity_id)))
-        return matches
+            found.append((identity_id, scores[i], faces))
+        return self._matches(found)
 
     def _template_total(self, identity_id: str) -> np.ndarray | None:
         with self._lock:
-            if identity_id not in self._names:
+            if not self._existing([identity_id]):
                 raise identity_missing(identity_id)
             found = self._current(identity_id)
             return None if found is None else np.array(found[0])
@@ -1442,15 +1437,27 @@ class Gallery(GalleryStore):
         exact = exact_similarities(self._sums[rows], self._norms[rows], query)
         chosen = pick(exact, top_k, threshold)
         rows, exact = rows[chosen], exact[chosen]
-        return [
-            Match(
-                identity_id=self._row_ids[row],
-                similarity=float(np.clip(similarity, -1.0, 1.0)),
-                faces=int(self._counts[row]),
-                display_name=self._names.get(self._row_ids[row]),
-            )
-            for row, similarity in zip(rows, exact)
-        ]
+        return self._matches([(self._row_ids[row], similarity, int(self._counts[row]))
+                              for row, similarity in zip(rows, exact)])
+
+    def _matches(self, found: list[tuple[str, float, int]]) -> list[Match]:
+        """Matches from (identity id, exact similarity, faces), best first, with their display names."""
+        names = self._display_names([identity_id for identity_id, _, _ in found])
+        return [Match(identity_id=identity_id, similarity=float(np.clip(similarity, -1.0, 1.0)), faces=faces,
+                      display_name=names.get(identity_id)) for identity_id, similarity, faces in found]
+
+    def _display_names(self, ids: Sequence[str]) -> dict[str, str | None]:
+        return dict(self._lookup("id, display_name", ids))
+
+    def _existing(self, ids: Sequence[str]) -> set[str]:
+        """Which of these identities exist."""
+        return {row[0] for row in self._lookup("id", ids)}
+
+    def _lookup(self, columns: str, ids: Sequence[str]) -> Iterator[tuple]:
+        for start in range(0, len(ids), _ID_LOOKUP_CHUNK):
+            chunk = list(ids[start : start + _ID_LOOKUP_CHUNK])
+            yield from self._db.execute(
+                f"SELECT {columns} FROM identities WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
     def close(self) -> None:
         self._closing.set()

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gallery import Gallery, ImportedIdentity
 from service import template_index
+from service.gallery import Gallery, ImportedIdentity
 from service.template_index import MANIFEST, IndexOptions, index_folder
 
 D = 192

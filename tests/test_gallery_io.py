@@ -317,10 +317,11 @@ def test_progress_lines_for_logs(capsys) -> None:
         line.rstrip().endswith("identities/s"), line
 
 
-def test_a_sqlite_gallery_written_by_another_process_meanwhile_is_named(model, configured, tmp_path, capsys,
-                                                                         monkeypatch) -> None:
-    # The import loads the identities the file holds when it opens it; one enrolled behind its back (a server left
-    # running on the file) collides with the import's insert: exit 2 with the reason, not a traceback.
+def test_an_identity_enrolled_by_another_process_meanwhile_is_left_as_it_is(model, configured, tmp_path, capsys,
+                                                                            monkeypatch) -> None:
+    # The import asks the database which identities exist as it writes each batch: one enrolled behind its back
+    # after the import opened the file (a server left running on it) is skipped like any identity already there,
+    # not overwritten and not a crash.
     from service import gallery_io
 
     url = f"sqlite:///{tmp_path / 'g.db'}"
@@ -335,5 +336,9 @@ def test_a_sqlite_gallery_written_by_another_process_meanwhile_is_named(model, c
 
     monkeypatch.setattr(gallery_io, "open_configured_gallery", open_then_enrol_elsewhere)
     configured(url)
-    assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items))]) == 2
-    assert "is a server running on this SQLite gallery?" in capsys.readouterr().err
+    assert main(["import", str(write_jsonl(tmp_path / "in.jsonl", items))]) == 0
+    assert "1 already in the gallery" in capsys.readouterr().err
+    with open_gallery(url, model[0], model[1]) as gallery:
+        assert gallery.count_identities() == 3
+        # The other process's enrolment (no name), not the file's ("Person 1 ...").
+        assert gallery.get_identity(items[1]["identity_id"]).display_name is None
