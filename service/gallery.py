@@ -110,6 +110,9 @@ CREATE TABLE IF NOT EXISTS template_changes (
     identity_id  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS template_log (on_since INTEGER NOT NULL);
+-- This database's own random id, written once, recorded in every index snapshot built for it: an index folder
+-- copied or left beside another gallery file is never used for that file.
+CREATE TABLE IF NOT EXISTS gallery_id (id TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS faces_inserted_log AFTER INSERT ON faces WHEN EXISTS (SELECT 1 FROM template_log)
 BEGIN INSERT INTO template_changes (identity_id) VALUES (NEW.identity_id); END;
 CREATE TRIGGER IF NOT EXISTS faces_deleted_log AFTER DELETE ON faces WHEN EXISTS (SELECT 1 FROM template_log)
@@ -756,6 +759,7 @@ class Gallery(GalleryStore):
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._retag(earlier_ids)
+        self._id = self._gallery_id()
         self._index = index if index is not None and index.enabled else None
         self._snap: Snapshot | None = None
         self._retired = np.zeros(0, dtype=bool)  # snapshot rows no longer current (changed or deleted since)
@@ -868,6 +872,16 @@ class Gallery(GalleryStore):
         # einsum, not linalg.norm: the latter squares the whole matrix into a temporary as large as itself.
         self._norms[:n] = np.sqrt(np.einsum("ij,ij->i", self._sums[:n], self._sums[:n]))
 
+    def _gallery_id(self) -> str:
+        row = self._db.execute("SELECT id FROM gallery_id").fetchone()
+        if row is None:  # once per database file (a database from before this table gets one too)
+            with self._transaction() as db:
+                row = db.execute("SELECT id FROM gallery_id").fetchone()
+                if row is None:
+                    row = (uuid.uuid4().hex,)
+                    db.execute("INSERT INTO gallery_id (id) VALUES (?)", row)
+        return row[0]
+
     def _change_seq(self) -> int:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'template_changes'").fetchone()
         return 0 if row is None else int(row[0])
@@ -892,7 +906,7 @@ class Gallery(GalleryStore):
         that is complete since; the identities changed since are read from the database into the delta."""
         folder = index_folder(self.path)
         try:
-            snap = Snapshot.open(folder, self.model_sha256, self.embedding_size)
+            snap = Snapshot.open(folder, self.model_sha256, self.embedding_size, self._id)
             if len(snap) < self._index.min_identities:
                 raise SnapshotUnusable(f"{len(snap)} identities, below the index's minimum "
                                        f"{self._index.min_identities}")
@@ -1029,8 +1043,9 @@ class Gallery(GalleryStore):
                 writer.abandon()
                 return
             writer.commit(index, {"model_sha256": self.model_sha256, "embedding_size": self.embedding_size,
-                                  "seq": seq, "build_seconds": round(time.perf_counter() - started, 1)})
-            snap = Snapshot.open(index_folder(self.path), self.model_sha256, self.embedding_size)
+                                  "gallery_id": self._id, "seq": seq,
+                                  "build_seconds": round(time.perf_counter() - started, 1)})
+            snap = Snapshot.open(index_folder(self.path), self.model_sha256, self.embedding_size, self._id)
             with self._lock:
                 if self._closing.is_set():
                     return

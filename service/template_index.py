@@ -121,7 +121,9 @@ class Snapshot:
         return len(self.ids)
 
     @classmethod
-    def open(cls, folder: Path, model_sha256: str, embedding_size: int) -> Snapshot:
+    def open(cls, folder: Path, model_sha256: str, embedding_size: int, gallery_id: str) -> Snapshot:
+        """gallery_id: the database's own random id (service/gallery.py): an index folder copied or left beside
+        another gallery file, even one of the same size and change count, is never used for it."""
         path = folder / MANIFEST
         if not path.is_file():
             raise SnapshotUnusable("no index has been built")
@@ -133,6 +135,10 @@ class Snapshot:
             if manifest["model_sha256"] != model_sha256 or manifest["embedding_size"] != embedding_size:
                 raise SnapshotUnusable(f"index built for model {str(manifest['model_sha256'])[:12]}, "
                                        f"the gallery searches {model_sha256[:12]}")
+            if manifest.get("gallery_id") != gallery_id:
+                raise SnapshotUnusable("index built for another gallery file (or by an earlier version)")
+            if int(manifest["seq"]) < 0 or int(manifest["faces"]) < 0:
+                raise SnapshotUnusable("index manifest holds negative counts")
             ids = np.load(folder / f"{tag}.ids.npy", mmap_mode="r")
             sums = np.load(folder / f"{tag}.sums.npy", mmap_mode="r")
             norms = np.load(folder / f"{tag}.norms.npy", mmap_mode="r")
@@ -149,11 +155,12 @@ class Snapshot:
                     or index.d != embedding_size:
                 raise SnapshotUnusable(f"index holds {index.ntotal} entries of {index.d}, expected "
                                        f"{manifest['entries']} for {n} identities of {embedding_size}")
+            _check_entries(faiss, index, n)
+            return cls(folder, manifest, ids, sums, norms, counts, index)
         except SnapshotUnusable:
             raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # truncated, garbled, missing
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:  # truncated, garbled
             raise SnapshotUnusable(f"index files unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
-        return cls(folder, manifest, ids, sums, norms, counts, index)
 
     def row_of(self, identity_id: str) -> int | None:
         key = identity_id.encode()
@@ -178,6 +185,27 @@ class Snapshot:
         rows = rows[0][rows[0] >= 0]
         _, first = np.unique(rows, return_index=True)
         return rows[np.sort(first)][:k]
+
+
+def _check_entries(faiss, index: Any, n: int) -> None:
+    """Every entry of the inverted lists names a row of the snapshot: a damaged id would otherwise fail every
+    search (or score a row the index never filed). The ids are in memory once the file is read: one pass."""
+    ivf = faiss.extract_index_ivf(index)
+    lists, total = ivf.invlists, 0
+    for cell in range(ivf.nlist):
+        size = lists.list_size(cell)
+        if not size:
+            continue
+        pointer = lists.get_ids(cell)
+        try:
+            rows = faiss.rev_swig_ptr(pointer, size)
+            if int(rows.min()) < 0 or int(rows.max()) >= n:
+                raise SnapshotUnusable(f"index cell {cell} names rows outside the {n} identities: the file is corrupt")
+        finally:
+            lists.release_ids(cell, pointer)
+        total += size
+    if total != index.ntotal:
+        raise SnapshotUnusable(f"index cells hold {total} entries, its header says {index.ntotal}")
 
 
 def _spot_check(sums: np.ndarray, norms: np.ndarray, samples: int = 256) -> None:

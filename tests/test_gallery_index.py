@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -196,6 +197,10 @@ def _tag(folder: Path) -> str:
     pytest.param(lambda f: _truncate(f / f"{_tag(f)}.sums.npy"), id="templates file truncated"),
     pytest.param(lambda f: _scramble_templates(f / f"{_tag(f)}.sums.npy"), id="templates overwritten"),
     pytest.param(lambda f: (f / MANIFEST).write_text("{not json"), id="manifest garbled"),
+    pytest.param(lambda f: _edit_manifest(f, seq="x"), id="manifest change number garbled"),
+    pytest.param(lambda f: _edit_manifest(f, seq=None), id="manifest change number null"),
+    pytest.param(lambda f: _edit_manifest(f, faces=-1, seq=-1), id="manifest counts negative"),
+    pytest.param(lambda f: _renumber_an_entry(f / f"{_tag(f)}.ivf.faiss"), id="index entry names no row"),
     pytest.param(lambda f: (f / MANIFEST).unlink(), id="index missing"),
 ])
 def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
@@ -206,6 +211,22 @@ def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
 def _truncate(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+def _renumber_an_entry(path: Path) -> None:
+    """One entry of the inverted lists names a row past the end (a damaged id): every search would fail on it."""
+    import faiss
+
+    index = faiss.read_index(str(path))
+    ivf = faiss.extract_index_ivf(index)
+    cell = next(c for c in range(ivf.nlist) if ivf.invlists.list_size(c))
+    faiss.rev_swig_ptr(ivf.invlists.get_ids(cell), 1)[0] = 10**12
+    faiss.write_index(index, str(path))
 
 
 def _scramble_templates(path: Path) -> None:
@@ -245,6 +266,22 @@ def test_an_older_copy_of_the_database_is_not_searched_through_a_newer_index(uni
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:
         assert g.index_in_use  # built before "late": it matches the older copy exactly
         assert "late" not in {m.identity_id for m in g.search(queries[0], 5)[0]}
+
+
+def test_an_index_folder_of_another_gallery_is_never_used(uniform, tmp_path: Path):
+    """Another gallery file's index folder, copied beside this one: same model, same size, same change count (both
+    built once, nothing changed since), so nothing but the gallery's own id tells them apart."""
+    path, _, queries = uniform
+    other = tmp_path / "other" / "gallery.db"
+    fill(other, unit(np.random.default_rng(8).standard_normal((3000, D))), prefix="q")
+    with Gallery(other, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+
+    def replaced(folder: Path) -> None:
+        shutil.rmtree(folder)
+        shutil.copytree(index_folder(other), folder)
+
+    _restart_and_check(path, queries, replaced)
 
 
 def test_another_models_index_is_never_used(uniform):
