@@ -65,7 +65,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
-from service.template_index import IndexOptions, Snapshot, SnapshotUnusable, SnapshotWriter, index_folder
+from service.template_index import (
+    MIN_TEMPLATES,
+    RETRY_AFTER_FAILURE_S,
+    IndexOptions,
+    Snapshot,
+    SnapshotUnusable,
+    SnapshotWriter,
+    index_folder,
+    remove_other_tags,
+)
 from service.vectors import UNIT_TOLERANCE, similarity
 
 log = logging.getLogger(__name__)
@@ -766,6 +775,7 @@ class Gallery(GalleryStore):
         self._retired_count = 0
         self._touched: set[str] | None = None  # identities changed while a build copies the templates
         self._builder: threading.Thread | None = None
+        self._retry_at = 0.0  # time.monotonic() before which no build starts (one has just failed)
         self._closing = threading.Event()
         self._open()
 
@@ -995,9 +1005,9 @@ class Gallery(GalleryStore):
         if options is None or not options.build or self._closing.is_set():
             return
         with self._lock:  # checked and started under the lock: two writers never start two builds
-            if self._builder is not None and self._builder.is_alive():
+            if self._builder is not None and self._builder.is_alive() or time.monotonic() < self._retry_at:
                 return
-            if self.count_searchable_identities() < options.min_identities:
+            if self.count_searchable_identities() < max(options.min_identities, MIN_TEMPLATES):
                 return
             if self._snap is not None and (
                 len(self._row_ids) + self._retired_count <= options.rebuild_fraction * len(self._snap)
@@ -1017,6 +1027,10 @@ class Gallery(GalleryStore):
                 seq = self._start_change_log()
                 ids = self._searchable_ids()
                 self._touched = set()
+                in_use = self._snap.manifest["tag"] if self._snap is not None else None
+            # Files of builds killed before their commit (kill -9, the OOM killer) would otherwise pile up, one set
+            # per attempt, until a build completes.
+            remove_other_tags(index_folder(self.path), keep=in_use)
             ids.sort()  # byte order = SQLite's and numpy's order of these ASCII ids
             log.info("gallery %s: building the ANN index of %d identity templates in the background; exact search "
                      "meanwhile", self.path, len(ids))
@@ -1060,7 +1074,9 @@ class Gallery(GalleryStore):
             log.info("gallery %s: ANN index of %d identities built in %.1f s and in use (%s)", self.path, len(snap),
                      time.perf_counter() - started, snap.manifest["index"])
         except Exception:
-            log.exception("gallery %s: index build failed; exact search goes on", self.path)
+            log.exception("gallery %s: index build failed; exact search goes on (next try in %.0f s at the "
+                          "earliest, or at the next start)", self.path, RETRY_AFTER_FAILURE_S)
+            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
             if writer is not None:
                 writer.abandon()
         finally:

@@ -68,6 +68,14 @@ class IndexOptions:
     build: bool = True  # False: use a persisted index, never build one (the bulk-import command)
 
 
+# Fewest templates an index is built over, whatever min_identities says: k-means needs at least as many points as
+# cells (16 at least) and the 4-bit codes 16 per sub-quantizer; faiss refuses to train on fewer.
+MIN_TEMPLATES = 16
+# After a build fails (disk full, folder not writable, out of memory), writes do not start another for this long:
+# every enrolment would otherwise start a doomed build costing both cores for minutes at large sizes.
+RETRY_AFTER_FAILURE_S = 600.0
+
+
 def index_folder(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".index")
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +287,76 @@ def test_an_index_folder_of_another_gallery_is_never_used(uniform, tmp_path: Pat
         shutil.copytree(index_folder(other), folder)
 
     _restart_and_check(path, queries, replaced)
+
+
+_BUILD_FOREVER = """
+import sys, time
+from service.gallery import Gallery
+from service.template_index import IndexOptions
+Gallery(sys.argv[1], sys.argv[2], int(sys.argv[3]), index=IndexOptions(min_identities=100))
+time.sleep(600)
+"""
+
+
+def test_builds_killed_before_their_commit_do_not_pile_up_files(tmp_path: Path):
+    """A server killed during each build (kill -9, the OOM killer of a too small memory limit, restarted in a
+    loop) leaves its half-written files; the next build removes them, so they never add up to several copies of
+    the templates."""
+    path = tmp_path / "gallery.db"
+    fill(path, unit(np.random.default_rng(3).standard_normal((20_000, D))))
+    folder = index_folder(path)
+    for _ in range(3):
+        before = set(folder.glob("*.sums.npy"))
+        child = subprocess.Popen([sys.executable, "-c", _BUILD_FOREVER, str(path), MODEL, str(D)],
+                                 cwd=Path(__file__).resolve().parents[1])
+        try:
+            deadline = time.monotonic() + 60
+            while not set(folder.glob("*.sums.npy")) - before and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        assert not (folder / MANIFEST).exists()  # killed while copying or training, long before its commit
+        tags = {p.name.split(".")[0] for p in folder.iterdir()}
+        assert len(tags) == 1, tags  # only the last attempt's files
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert g.wait_for_index(120)
+    assert {p.name.split(".")[0] for p in folder.iterdir() if p.name != MANIFEST} == {_tag(folder)}
+
+
+def test_a_failed_build_is_not_retried_on_every_write(uniform, caplog):
+    """A build that cannot succeed (here the index folder's name is taken by a file) fails once; the enrolments
+    after it do not each start another (at 10M faces each would cost minutes of both cores)."""
+    path, _, queries = uniform
+    index_folder(path).write_text("not a folder")
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    late = unit(np.random.default_rng(5).standard_normal((5, D)))
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert not g.wait_for_index(60)
+        for i, v in enumerate(late):
+            g.enroll(f"late{i}", v)
+            assert not g.wait_for_index(60)
+            assert g.search(v, 1)[0][0].identity_id == f"late{i}"  # exact search goes on
+        assert answers(g, queries[:1])[0][0][0] == "p000000"
+    failures = [r for r in caplog.records if "index build failed" in r.getMessage()]
+    assert len(failures) == 1
+
+
+def test_a_minimum_below_what_an_index_needs_builds_none_too_small(tmp_path: Path, caplog):
+    """FACE_GALLERY_INDEX_MIN_IDENTITIES=1: a gallery of a few identities has too few templates to train an index
+    on; no build is tried (each would fail), exact search answers, and the index comes once there are enough."""
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    vectors = unit(np.random.default_rng(4).standard_normal((40, D)))
+    with Gallery(tmp_path / "gallery.db", MODEL, D, index=dataclasses.replace(EVERYTHING, min_identities=1)) as g:
+        for i, v in enumerate(vectors[:10]):
+            g.enroll(f"p{i}", v)
+            assert not g.wait_for_index(60)
+            assert g.search(v, 1)[0][0].identity_id == f"p{i}"
+        for i, v in enumerate(vectors[10:], start=10):
+            g.enroll(f"p{i}", v)
+        assert g.wait_for_index(60)
+        assert [g.search(v, 1)[0][0].identity_id for v in vectors] == [f"p{i}" for i in range(40)]
+    assert not [r for r in caplog.records if "index build failed" in r.getMessage()]
 
 
 def test_another_models_index_is_never_used(uniform):
