@@ -819,6 +819,10 @@ class Gallery(GalleryStore):
 
     def _open(self) -> None:
         started = time.perf_counter()
+        # What this connection has read: a commit by any other connection (another server on the same file, an
+        # import while the server runs) changes it. See `_written_elsewhere`.
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._warned_elsewhere = False
         self._names: dict[str, str | None] = dict(self._db.execute("SELECT id, display_name FROM identities"))
         self._reset_delta(0)
         self._faces = 0
@@ -1009,6 +1013,8 @@ class Gallery(GalleryStore):
                 return
             if self.count_searchable_identities() < max(options.min_identities, MIN_TEMPLATES):
                 return
+            if self._written_elsewhere():
+                return
             if self._snap is not None and (
                 len(self._row_ids) + self._retired_count <= options.rebuild_fraction * len(self._snap)
             ):
@@ -1053,7 +1059,9 @@ class Gallery(GalleryStore):
                              done, total, 100 * done / max(1, total), time.perf_counter() - started)
 
             index = writer.build_index(available_threads(), progress, self._closing.is_set)
-            if index is None:
+            with self._lock:
+                elsewhere = self._written_elsewhere()
+            if index is None or elsewhere:
                 writer.abandon()
                 return
             writer.commit(index, {"model_sha256": self.model_sha256, "embedding_size": self.embedding_size,
@@ -1082,6 +1090,20 @@ class Gallery(GalleryStore):
         finally:
             with self._lock:
                 self._touched = None
+
+    def _written_elsewhere(self) -> bool:
+        """Whether another connection has committed to the file since this one loaded it. Its templates in memory
+        may then miss those changes, and a snapshot built from them would be stamped with a change number that
+        claims them: after a restart a deleted identity would be searched again and an enrolment never, for good
+        (one process owns a SQLite gallery: module docstring). So no snapshot is built until a restart reloads."""
+        if self._db.execute("PRAGMA data_version").fetchone()[0] == self._data_version:
+            return False
+        if not self._warned_elsewhere:
+            self._warned_elsewhere = True
+            log.error("gallery %s: another process has written to this gallery file since this one opened it (one "
+                      "process owns a SQLite gallery); this process does not see those changes and builds no index "
+                      "until it is restarted", self.path)
+        return True
 
     def _searchable_ids(self) -> list[str]:
         ids = list(self._row_ids)

@@ -359,6 +359,30 @@ def test_a_minimum_below_what_an_index_needs_builds_none_too_small(tmp_path: Pat
     assert not [r for r in caplog.records if "index build failed" in r.getMessage()]
 
 
+def test_a_second_writer_on_the_file_never_makes_a_snapshot_that_hides_its_changes(uniform):
+    """Two processes on one gallery file (unsupported: each misses the other's changes until restarted; here two
+    Gallery objects, i.e. two connections, as two servers would be). One deletes an identity and enrols another;
+    the other then changes enough to rebuild the index. After a restart the gallery must be the database's: the
+    deleted identity never returned, the enrolment found (a snapshot built from the second's memory, stamped with
+    the log's latest change, hid both for good)."""
+    path, vectors, _ = uniform
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert g.wait_for_index(60)
+    rng = np.random.default_rng(11)
+    newcomer, extra = unit(rng.standard_normal(D)), unit(rng.standard_normal((200, D)))
+    with Gallery(path, MODEL, D, index=SMALL) as first, Gallery(path, MODEL, D, index=SMALL) as second:
+        first.delete_identity("p000000")
+        first.enroll("newcomer", newcomer)
+        for i, v in enumerate(extra):  # past the rebuild fraction (5 % of 3,000)
+            second.enroll(f"extra{i}", v)
+        second.wait_for_index(60)
+    with Gallery(path, MODEL, D, index=SMALL) as g, Gallery(path, MODEL, D) as exact:
+        assert g.count_faces() == exact.count_faces() == 3000 - 1 + 1 + 200
+        assert "p000000" not in [m.identity_id for m in g.search(vectors[0], 5)[0]]
+        assert g.search(newcomer, 1)[0][0].identity_id == "newcomer"
+        assert [g.search(v, 1)[0][0].identity_id for v in extra] == [f"extra{i}" for i in range(200)]
+
+
 def test_another_models_index_is_never_used(uniform):
     path, vectors, queries = uniform
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:
