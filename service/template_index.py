@@ -234,10 +234,15 @@ class SnapshotWriter:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.n, self.d = folder, n, embedding_size
         self.tag = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        self.ids = np.lib.format.open_memmap(self._path("ids.npy"), "w+", f"S{max(1, id_width)}", (n,))
-        self.sums = np.lib.format.open_memmap(self._path("sums.npy"), "w+", np.float32, (n, embedding_size))
-        self.norms = np.lib.format.open_memmap(self._path("norms.npy"), "w+", np.float32, (n,))
-        self.counts = np.lib.format.open_memmap(self._path("counts.npy"), "w+", np.int64, (n,))
+        try:
+            self.ids = _mapped(self._path("ids.npy"), f"S{max(1, id_width)}", (n,))
+            self.sums = _mapped(self._path("sums.npy"), np.float32, (n, embedding_size))
+            self.norms = _mapped(self._path("norms.npy"), np.float32, (n,))
+            self.counts = _mapped(self._path("counts.npy"), np.int64, (n,))
+        except BaseException:
+            for path in self.folder.glob(f"{self.tag}.*"):
+                path.unlink(missing_ok=True)
+            raise
         self.factory = factory_for(n, embedding_size)
 
     def _path(self, name: str) -> Path:
@@ -307,6 +312,23 @@ class SnapshotWriter:
         del self.ids, self.sums, self.norms, self.counts
         for path in self.folder.glob(f"{self.tag}.*"):
             path.unlink(missing_ok=True)
+
+
+def _mapped(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new .npy file mapped for writing, its disk space taken first: numpy makes it sparse, and a write to a page
+    the file system then has no room for kills the process with SIGBUS, where this raises OSError (ENOSPC)."""
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    if not hasattr(os, "posix_fallocate"):  # not Linux: as numpy leaves it
+        return array
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except BaseException:
+        del array
+        raise
+    finally:
+        os.close(fd)
+    return array
 
 
 def _fill_cells(faiss, ivf: Any, codes: np.ndarray, assigned: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import sqlite3
@@ -322,6 +323,44 @@ def test_builds_killed_before_their_commit_do_not_pile_up_files(tmp_path: Path):
     with Gallery(path, MODEL, D, index=SMALL) as g:
         assert g.wait_for_index(120)
     assert {p.name.split(".")[0] for p in folder.iterdir() if p.name != MANIFEST} == {_tag(folder)}
+
+
+_BUILD_ONCE = """
+import sys
+from service.gallery import Gallery
+from service.template_index import IndexOptions
+with Gallery(sys.argv[1], sys.argv[2], int(sys.argv[3]), index=IndexOptions(min_identities=100)) as g:
+    print("index in use:", g.wait_for_index(120), [m.identity_id for m in g.search(g._sums[0], 1)[0]])
+"""
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path):
+    """A tmpfs of 16 MiB (root only: skipped elsewhere)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+                                          check=False, capture_output=True).returncode != 0:
+        pytest.skip("needs a small file system (root, to mount a tmpfs)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_fails_the_build_not_the_server(tmp_path: Path, small_file_system: Path):
+    """The index's templates are written through memory maps: on a full file system a write to one of their pages
+    killed the process with SIGBUS (no log line; a server restarted in a loop died at each build). The space is
+    now taken before anything is mapped, so the build fails like any other, and exact search goes on."""
+    path = small_file_system / "gallery.db"
+    fill(tmp_path / "gallery.db", unit(np.random.default_rng(6).standard_normal((10_000, D))))
+    shutil.copy(tmp_path / "gallery.db", path)  # about 13 MiB: the 7.5 MiB of templates do not fit beside it
+    child = subprocess.run([sys.executable, "-c", _BUILD_ONCE, str(path), MODEL, str(D)], check=False,
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "index in use: False ['p000000']" in child.stdout
+    assert "index build failed" in child.stderr
+    assert not [p for p in index_folder(path).iterdir() if p.name.endswith(".npy")]  # space given back
 
 
 def test_a_failed_build_is_not_retried_on_every_write(uniform, caplog):
