@@ -66,6 +66,7 @@ import numpy as np
 
 from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
 from service.template_index import (
+    MANIFEST,
     MIN_TEMPLATES,
     RETRY_AFTER_FAILURE_S,
     IndexOptions,
@@ -933,6 +934,11 @@ class Gallery(GalleryStore):
             changed = [r[0] for r in self._db.execute(
                 "SELECT DISTINCT identity_id FROM template_changes WHERE seq > ?", (snap.seq,))]
         except SnapshotUnusable as exc:
+            if not (folder / MANIFEST).exists() and len(self._names) < max(self._index.min_identities, MIN_TEMPLATES):
+                # The usual small gallery: no index is due, nothing to warn about.
+                log.info("gallery %s: exact search (%d identities; the index is built from %d)", self.path,
+                         len(self._names), self._index.min_identities)
+                return False
             log.warning("gallery %s: index not used: %s; exact search until it is rebuilt", self.path, exc)
             return False
         self._adopt(snap, changed, from_database=True)
@@ -1059,9 +1065,12 @@ class Gallery(GalleryStore):
                              done, total, 100 * done / max(1, total), time.perf_counter() - started)
 
             index = writer.build_index(available_threads(), progress, self._closing.is_set)
-            with self._lock:
-                elsewhere = self._written_elsewhere()
-            if index is None or elsewhere:
+            if index is None:
+                writer.abandon()
+                return
+            with self._lock:  # close() takes the lock to close the connection: checked before, used after
+                stale = self._closing.is_set() or self._written_elsewhere()
+            if stale:
                 writer.abandon()
                 return
             writer.commit(index, {"model_sha256": self.model_sha256, "embedding_size": self.embedding_size,

@@ -438,6 +438,16 @@ def test_another_models_index_is_never_used(uniform):
         assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
 
 
+def test_a_small_gallery_opens_without_a_warning(tmp_path: Path, caplog):
+    """Below the minimum no index is due: opening one (every start of every small gallery, every import) warned
+    that the index was not used and would be rebuilt."""
+    fill(tmp_path / "gallery.db", unit(np.random.default_rng(2).standard_normal((50, D))))
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    with Gallery(tmp_path / "gallery.db", MODEL, D, index=IndexOptions()) as g:
+        assert not g.index_in_use
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_small_galleries_search_exactly_and_disabled_means_no_index(tmp_path: Path):
     path = tmp_path / "gallery.db"
     fill(path, unit(np.random.default_rng(1).standard_normal((50, D))))
