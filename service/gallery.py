@@ -66,12 +66,16 @@ import numpy as np
 
 from service.errors import FaceServiceError, InvalidParameter, ModelError, ModelMismatch, NotFound
 from service.template_index import (
+    MANIFEST,
+    MIN_TEMPLATES,
+    RETRY_AFTER_FAILURE_S,
     IndexOptions,
     Snapshot,
     SnapshotUnusable,
     SnapshotWriter,
     available_threads,
     index_folder,
+    remove_other_tags,
 )
 from service.vectors import UNIT_TOLERANCE, similarity
 
@@ -118,6 +122,9 @@ CREATE TABLE IF NOT EXISTS template_changes (
     identity_id  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS template_log (on_since INTEGER NOT NULL);
+-- This database's own random id, written once, recorded in every index snapshot built for it: an index folder
+-- copied or left beside another gallery file is never used for that file.
+CREATE TABLE IF NOT EXISTS gallery_id (id TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS faces_inserted_log AFTER INSERT ON faces WHEN EXISTS (SELECT 1 FROM template_log)
 BEGIN INSERT INTO template_changes (identity_id) VALUES (NEW.identity_id); END;
 CREATE TRIGGER IF NOT EXISTS faces_deleted_log AFTER DELETE ON faces WHEN EXISTS (SELECT 1 FROM template_log)
@@ -764,12 +771,14 @@ class Gallery(GalleryStore):
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._retag(earlier_ids)
+        self._id = self._gallery_id()
         self._index = index if index is not None and index.enabled else None
         self._snap: Snapshot | None = None
         self._retired = np.zeros(0, dtype=bool)  # snapshot rows no longer current (changed or deleted since)
         self._retired_count = 0
         self._touched: set[str] | None = None  # identities changed while a build copies the templates
         self._builder: threading.Thread | None = None
+        self._retry_at = 0.0  # time.monotonic() before which no build starts (one has just failed)
         self._closing = threading.Event()
         self._open()
 
@@ -813,6 +822,10 @@ class Gallery(GalleryStore):
 
     def _open(self) -> None:
         started = time.perf_counter()
+        # What this connection has read: a commit by any other connection (another server on the same file, an
+        # import while the server runs) changes it. See `_written_elsewhere`.
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._warned_elsewhere = False
         # Identities' names and existence are read from the database when needed, not held in memory: loading
         # them took 1.85 s per million identities at every start, and a dictionary of them about 100 MB.
         self._reset_delta(0)
@@ -877,6 +890,16 @@ class Gallery(GalleryStore):
         # einsum, not linalg.norm: the latter squares the whole matrix into a temporary as large as itself.
         self._norms[:n] = np.sqrt(np.einsum("ij,ij->i", self._sums[:n], self._sums[:n]))
 
+    def _gallery_id(self) -> str:
+        row = self._db.execute("SELECT id FROM gallery_id").fetchone()
+        if row is None:  # once per database file (a database from before this table gets one too)
+            with self._transaction() as db:
+                row = db.execute("SELECT id FROM gallery_id").fetchone()
+                if row is None:
+                    row = (uuid.uuid4().hex,)
+                    db.execute("INSERT INTO gallery_id (id) VALUES (?)", row)
+        return row[0]
+
     def _change_seq(self) -> int:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'template_changes'").fetchone()
         return 0 if row is None else int(row[0])
@@ -901,7 +924,7 @@ class Gallery(GalleryStore):
         that is complete since; the identities changed since are read from the database into the delta."""
         folder = index_folder(self.path)
         try:
-            snap = Snapshot.open(folder, self.model_sha256, self.embedding_size)
+            snap = Snapshot.open(folder, self.model_sha256, self.embedding_size, self._id)
             if len(snap) < self._index.min_identities:
                 raise SnapshotUnusable(f"{len(snap)} identities, below the index's minimum "
                                        f"{self._index.min_identities}")
@@ -914,6 +937,12 @@ class Gallery(GalleryStore):
             changed = [r[0] for r in self._db.execute(
                 "SELECT DISTINCT identity_id FROM template_changes WHERE seq > ?", (snap.seq,))]
         except SnapshotUnusable as exc:
+            identities = self.count_identities() if not (folder / MANIFEST).exists() else None
+            if identities is not None and identities < max(self._index.min_identities, MIN_TEMPLATES):
+                # The usual small gallery: no index is due, nothing to warn about.
+                log.info("gallery %s: exact search (%d identities; the index is built from %d)", self.path,
+                         identities, self._index.min_identities)
+                return False
             log.warning("gallery %s: index not used: %s; exact search until it is rebuilt", self.path, exc)
             return False
         self._adopt(snap, changed, from_database=True)
@@ -990,9 +1019,11 @@ class Gallery(GalleryStore):
         if options is None or not options.build or self._closing.is_set():
             return
         with self._lock:  # checked and started under the lock: two writers never start two builds
-            if self._builder is not None and self._builder.is_alive():
+            if self._builder is not None and self._builder.is_alive() or time.monotonic() < self._retry_at:
                 return
-            if self.count_searchable_identities() < options.min_identities:
+            if self.count_searchable_identities() < max(options.min_identities, MIN_TEMPLATES):
+                return
+            if self._written_elsewhere():
                 return
             if self._snap is not None and (
                 len(self._row_ids) + self._retired_count <= options.rebuild_fraction * len(self._snap)
@@ -1012,6 +1043,10 @@ class Gallery(GalleryStore):
                 seq = self._start_change_log()
                 ids = self._searchable_ids()
                 self._touched = set()
+                in_use = self._snap.manifest["tag"] if self._snap is not None else None
+            # Files of builds killed before their commit (kill -9, the OOM killer) would otherwise pile up, one set
+            # per attempt, until a build completes.
+            remove_other_tags(index_folder(self.path), keep=in_use)
             ids.sort()  # byte order = SQLite's and numpy's order of these ASCII ids
             log.info("gallery %s: building the ANN index of %d identity templates in the background; exact search "
                      "meanwhile", self.path, len(ids))
@@ -1037,9 +1072,15 @@ class Gallery(GalleryStore):
             if index is None:
                 writer.abandon()
                 return
+            with self._lock:  # close() takes the lock to close the connection: checked before, used after
+                stale = self._closing.is_set() or self._written_elsewhere()
+            if stale:
+                writer.abandon()
+                return
             writer.commit(index, {"model_sha256": self.model_sha256, "embedding_size": self.embedding_size,
-                                  "seq": seq, "build_seconds": round(time.perf_counter() - started, 1)})
-            snap = Snapshot.open(index_folder(self.path), self.model_sha256, self.embedding_size)
+                                  "gallery_id": self._id, "seq": seq,
+                                  "build_seconds": round(time.perf_counter() - started, 1)})
+            snap = Snapshot.open(index_folder(self.path), self.model_sha256, self.embedding_size, self._id)
             with self._lock:
                 if self._closing.is_set():
                     return
@@ -1054,12 +1095,28 @@ class Gallery(GalleryStore):
             log.info("gallery %s: ANN index of %d identities built in %.1f s and in use (%s)", self.path, len(snap),
                      time.perf_counter() - started, snap.manifest["index"])
         except Exception:
-            log.exception("gallery %s: index build failed; exact search goes on", self.path)
+            log.exception("gallery %s: index build failed; exact search goes on (next try in %.0f s at the "
+                          "earliest, or at the next start)", self.path, RETRY_AFTER_FAILURE_S)
+            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
             if writer is not None:
                 writer.abandon()
         finally:
             with self._lock:
                 self._touched = None
+
+    def _written_elsewhere(self) -> bool:
+        """Whether another connection has committed to the file since this one loaded it. Its templates in memory
+        may then miss those changes, and a snapshot built from them would be stamped with a change number that
+        claims them: after a restart a deleted identity would be searched again and an enrolment never, for good
+        (one process owns a SQLite gallery: module docstring). So no snapshot is built until a restart reloads."""
+        if self._db.execute("PRAGMA data_version").fetchone()[0] == self._data_version:
+            return False
+        if not self._warned_elsewhere:
+            self._warned_elsewhere = True
+            log.error("gallery %s: another process has written to this gallery file since this one opened it (one "
+                      "process owns a SQLite gallery); this process does not see those changes and builds no index "
+                      "until it is restarted", self.path)
+        return True
 
     def _searchable_ids(self) -> list[str]:
         ids = list(self._row_ids)

@@ -76,6 +76,14 @@ class IndexOptions:
     build: bool = True  # False: use a persisted index, never build one (the bulk-import command)
 
 
+# Fewest templates an index is built over, whatever min_identities says: k-means needs at least as many points as
+# cells (16 at least) and the 4-bit codes 16 per sub-quantizer; faiss refuses to train on fewer.
+MIN_TEMPLATES = 16
+# After a build fails (disk full, folder not writable, out of memory), writes do not start another for this long:
+# every enrolment would otherwise start a doomed build costing both cores for minutes at large sizes.
+RETRY_AFTER_FAILURE_S = 600.0
+
+
 def index_folder(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".index")
 
@@ -129,7 +137,9 @@ class Snapshot:
         return len(self.ids)
 
     @classmethod
-    def open(cls, folder: Path, model_sha256: str, embedding_size: int) -> Snapshot:
+    def open(cls, folder: Path, model_sha256: str, embedding_size: int, gallery_id: str) -> Snapshot:
+        """gallery_id: the database's own random id (service/gallery.py): an index folder copied or left beside
+        another gallery file, even one of the same size and change count, is never used for it."""
         path = folder / MANIFEST
         if not path.is_file():
             raise SnapshotUnusable("no index has been built")
@@ -141,6 +151,10 @@ class Snapshot:
             if manifest["model_sha256"] != model_sha256 or manifest["embedding_size"] != embedding_size:
                 raise SnapshotUnusable(f"index built for model {str(manifest['model_sha256'])[:12]}, "
                                        f"the gallery searches {model_sha256[:12]}")
+            if manifest.get("gallery_id") != gallery_id:
+                raise SnapshotUnusable("index built for another gallery file (or by an earlier version)")
+            if int(manifest["seq"]) < 0 or int(manifest["faces"]) < 0:
+                raise SnapshotUnusable("index manifest holds negative counts")
             ids = np.load(folder / f"{tag}.ids.npy", mmap_mode="r")
             sums = np.load(folder / f"{tag}.sums.npy", mmap_mode="r")
             norms = np.load(folder / f"{tag}.norms.npy", mmap_mode="r")
@@ -157,11 +171,12 @@ class Snapshot:
                     or index.d != embedding_size:
                 raise SnapshotUnusable(f"index holds {index.ntotal} entries of {index.d}, expected "
                                        f"{manifest['entries']} for {n} identities of {embedding_size}")
+            _check_entries(faiss, index, n)
+            return cls(folder, manifest, ids, sums, norms, counts, index)
         except SnapshotUnusable:
             raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # truncated, garbled, missing
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:  # truncated, garbled
             raise SnapshotUnusable(f"index files unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
-        return cls(folder, manifest, ids, sums, norms, counts, index)
 
     def row_of(self, identity_id: str) -> int | None:
         key = identity_id.encode()
@@ -230,6 +245,27 @@ def available_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _check_entries(faiss, index: Any, n: int) -> None:
+    """Every entry of the inverted lists names a row of the snapshot: a damaged id would otherwise fail every
+    search (or score a row the index never filed). The ids are in memory once the file is read: one pass."""
+    ivf = faiss.extract_index_ivf(index)
+    lists, total = ivf.invlists, 0
+    for cell in range(ivf.nlist):
+        size = lists.list_size(cell)
+        if not size:
+            continue
+        pointer = lists.get_ids(cell)
+        try:
+            rows = faiss.rev_swig_ptr(pointer, size)
+            if int(rows.min()) < 0 or int(rows.max()) >= n:
+                raise SnapshotUnusable(f"index cell {cell} names rows outside the {n} identities: the file is corrupt")
+        finally:
+            lists.release_ids(cell, pointer)
+        total += size
+    if total != index.ntotal:
+        raise SnapshotUnusable(f"index cells hold {total} entries, its header says {index.ntotal}")
+
+
 def _spot_check(sums: np.ndarray, norms: np.ndarray, samples: int = 256) -> None:
     """A few rows' stored norms against their sums: catches a file overwritten or shifted without reading GBs."""
     if not len(norms):
@@ -248,10 +284,15 @@ class SnapshotWriter:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.n, self.d = folder, n, embedding_size
         self.tag = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        self.ids = np.lib.format.open_memmap(self._path("ids.npy"), "w+", f"S{max(1, id_width)}", (n,))
-        self.sums = np.lib.format.open_memmap(self._path("sums.npy"), "w+", np.float32, (n, embedding_size))
-        self.norms = np.lib.format.open_memmap(self._path("norms.npy"), "w+", np.float32, (n,))
-        self.counts = np.lib.format.open_memmap(self._path("counts.npy"), "w+", np.int64, (n,))
+        try:
+            self.ids = _mapped(self._path("ids.npy"), f"S{max(1, id_width)}", (n,))
+            self.sums = _mapped(self._path("sums.npy"), np.float32, (n, embedding_size))
+            self.norms = _mapped(self._path("norms.npy"), np.float32, (n,))
+            self.counts = _mapped(self._path("counts.npy"), np.int64, (n,))
+        except BaseException:
+            for path in self.folder.glob(f"{self.tag}.*"):
+                path.unlink(missing_ok=True)
+            raise
         self.factory = factory_for(n, embedding_size)
 
     def _path(self, name: str) -> Path:
@@ -321,6 +362,23 @@ class SnapshotWriter:
         del self.ids, self.sums, self.norms, self.counts
         for path in self.folder.glob(f"{self.tag}.*"):
             path.unlink(missing_ok=True)
+
+
+def _mapped(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new .npy file mapped for writing, its disk space taken first: numpy makes it sparse, and a write to a page
+    the file system then has no room for kills the process with SIGBUS, where this raises OSError (ENOSPC)."""
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    if not hasattr(os, "posix_fallocate"):  # not Linux: as numpy leaves it
+        return array
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except BaseException:
+        del array
+        raise
+    finally:
+        os.close(fd)
+    return array
 
 
 def _fill_cells(faiss, ivf: Any, codes: np.ndarray, assigned: np.ndarray) -> None:

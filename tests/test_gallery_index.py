@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +213,10 @@ def _tag(folder: Path) -> str:
     pytest.param(lambda f: _truncate(f / f"{_tag(f)}.sums.npy"), id="templates file truncated"),
     pytest.param(lambda f: _scramble_templates(f / f"{_tag(f)}.sums.npy"), id="templates overwritten"),
     pytest.param(lambda f: (f / MANIFEST).write_text("{not json"), id="manifest garbled"),
+    pytest.param(lambda f: _edit_manifest(f, seq="x"), id="manifest change number garbled"),
+    pytest.param(lambda f: _edit_manifest(f, seq=None), id="manifest change number null"),
+    pytest.param(lambda f: _edit_manifest(f, faces=-1, seq=-1), id="manifest counts negative"),
+    pytest.param(lambda f: _renumber_an_entry(f / f"{_tag(f)}.ivf.faiss"), id="index entry names no row"),
     pytest.param(lambda f: (f / MANIFEST).unlink(), id="index missing"),
 ])
 def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
@@ -216,6 +227,22 @@ def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
 def _truncate(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+def _renumber_an_entry(path: Path) -> None:
+    """One entry of the inverted lists names a row past the end (a damaged id): every search would fail on it."""
+    import faiss
+
+    index = faiss.read_index(str(path))
+    ivf = faiss.extract_index_ivf(index)
+    cell = next(c for c in range(ivf.nlist) if ivf.invlists.list_size(c))
+    faiss.rev_swig_ptr(ivf.invlists.get_ids(cell), 1)[0] = 10**12
+    faiss.write_index(index, str(path))
 
 
 def _scramble_templates(path: Path) -> None:
@@ -257,6 +284,154 @@ def test_an_older_copy_of_the_database_is_not_searched_through_a_newer_index(uni
         assert "late" not in {m.identity_id for m in g.search(queries[0], 5)[0]}
 
 
+def test_an_index_folder_of_another_gallery_is_never_used(uniform, tmp_path: Path):
+    """Another gallery file's index folder, copied beside this one: same model, same size, same change count (both
+    built once, nothing changed since), so nothing but the gallery's own id tells them apart."""
+    path, _, queries = uniform
+    other = tmp_path / "other" / "gallery.db"
+    fill(other, unit(np.random.default_rng(8).standard_normal((3000, D))), prefix="q")
+    with Gallery(other, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+
+    def replaced(folder: Path) -> None:
+        shutil.rmtree(folder)
+        shutil.copytree(index_folder(other), folder)
+
+    _restart_and_check(path, queries, replaced)
+
+
+_BUILD_FOREVER = """
+import sys, time
+from service.gallery import Gallery
+from service.template_index import IndexOptions
+Gallery(sys.argv[1], sys.argv[2], int(sys.argv[3]), index=IndexOptions(min_identities=100))
+time.sleep(600)
+"""
+
+
+def test_builds_killed_before_their_commit_do_not_pile_up_files(tmp_path: Path):
+    """A server killed during each build (kill -9, the OOM killer of a too small memory limit, restarted in a
+    loop) leaves its half-written files; the next build removes them, so they never add up to several copies of
+    the templates."""
+    path = tmp_path / "gallery.db"
+    fill(path, unit(np.random.default_rng(3).standard_normal((20_000, D))))
+    folder = index_folder(path)
+    for _ in range(3):
+        before = set(folder.glob("*.sums.npy"))
+        child = subprocess.Popen([sys.executable, "-c", _BUILD_FOREVER, str(path), MODEL, str(D)],
+                                 cwd=Path(__file__).resolve().parents[1])
+        try:
+            deadline = time.monotonic() + 60
+            while not set(folder.glob("*.sums.npy")) - before and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        assert not (folder / MANIFEST).exists()  # killed while copying or training, long before its commit
+        tags = {p.name.split(".")[0] for p in folder.iterdir()}
+        assert len(tags) == 1, tags  # only the last attempt's files
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert g.wait_for_index(120)
+    assert {p.name.split(".")[0] for p in folder.iterdir() if p.name != MANIFEST} == {_tag(folder)}
+
+
+_BUILD_ONCE = """
+import sys
+from service.gallery import Gallery
+from service.template_index import IndexOptions
+with Gallery(sys.argv[1], sys.argv[2], int(sys.argv[3]), index=IndexOptions(min_identities=100)) as g:
+    print("index in use:", g.wait_for_index(120), [m.identity_id for m in g.search(g._sums[0], 1)[0]])
+"""
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path):
+    """A tmpfs of 16 MiB (root only: skipped elsewhere)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+                                          check=False, capture_output=True).returncode != 0:
+        pytest.skip("needs a small file system (root, to mount a tmpfs)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_fails_the_build_not_the_server(tmp_path: Path, small_file_system: Path):
+    """The index's templates are written through memory maps: on a full file system a write to one of their pages
+    killed the process with SIGBUS (no log line; a server restarted in a loop died at each build). The space is
+    now taken before anything is mapped, so the build fails like any other, and exact search goes on."""
+    path = small_file_system / "gallery.db"
+    fill(tmp_path / "gallery.db", unit(np.random.default_rng(6).standard_normal((10_000, D))))
+    shutil.copy(tmp_path / "gallery.db", path)  # about 13 MiB: the 7.5 MiB of templates do not fit beside it
+    child = subprocess.run([sys.executable, "-c", _BUILD_ONCE, str(path), MODEL, str(D)], check=False,
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "index in use: False ['p000000']" in child.stdout
+    assert "index build failed" in child.stderr
+    assert not [p for p in index_folder(path).iterdir() if p.name.endswith(".npy")]  # space given back
+
+
+def test_a_failed_build_is_not_retried_on_every_write(uniform, caplog):
+    """A build that cannot succeed (here the index folder's name is taken by a file) fails once; the enrolments
+    after it do not each start another (at 10M faces each would cost minutes of both cores)."""
+    path, _, queries = uniform
+    index_folder(path).write_text("not a folder")
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    late = unit(np.random.default_rng(5).standard_normal((5, D)))
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert not g.wait_for_index(60)
+        for i, v in enumerate(late):
+            g.enroll(f"late{i}", v)
+            assert not g.wait_for_index(60)
+            assert g.search(v, 1)[0][0].identity_id == f"late{i}"  # exact search goes on
+        assert answers(g, queries[:1])[0][0][0] == "p000000"
+    failures = [r for r in caplog.records if "index build failed" in r.getMessage()]
+    assert len(failures) == 1
+
+
+def test_a_minimum_below_what_an_index_needs_builds_none_too_small(tmp_path: Path, caplog):
+    """FACE_GALLERY_INDEX_MIN_IDENTITIES=1: a gallery of a few identities has too few templates to train an index
+    on; no build is tried (each would fail), exact search answers, and the index comes once there are enough."""
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    vectors = unit(np.random.default_rng(4).standard_normal((40, D)))
+    with Gallery(tmp_path / "gallery.db", MODEL, D, index=dataclasses.replace(EVERYTHING, min_identities=1)) as g:
+        for i, v in enumerate(vectors[:10]):
+            g.enroll(f"p{i}", v)
+            assert not g.wait_for_index(60)
+            assert g.search(v, 1)[0][0].identity_id == f"p{i}"
+        for i, v in enumerate(vectors[10:], start=10):
+            g.enroll(f"p{i}", v)
+        assert g.wait_for_index(60)
+        assert [g.search(v, 1)[0][0].identity_id for v in vectors] == [f"p{i}" for i in range(40)]
+    assert not [r for r in caplog.records if "index build failed" in r.getMessage()]
+
+
+def test_a_second_writer_on_the_file_never_makes_a_snapshot_that_hides_its_changes(uniform):
+    """Two processes on one gallery file (unsupported: each misses the other's changes until restarted; here two
+    Gallery objects, i.e. two connections, as two servers would be). One deletes an identity and enrols another;
+    the other then changes enough to rebuild the index. After a restart the gallery must be the database's: the
+    deleted identity never returned, the enrolment found (a snapshot built from the second's memory, stamped with
+    the log's latest change, hid both for good)."""
+    path, vectors, _ = uniform
+    with Gallery(path, MODEL, D, index=SMALL) as g:
+        assert g.wait_for_index(60)
+    rng = np.random.default_rng(11)
+    newcomer, extra = unit(rng.standard_normal(D)), unit(rng.standard_normal((200, D)))
+    with Gallery(path, MODEL, D, index=SMALL) as first, Gallery(path, MODEL, D, index=SMALL) as second:
+        first.delete_identity("p000000")
+        first.enroll("newcomer", newcomer)
+        for i, v in enumerate(extra):  # past the rebuild fraction (5 % of 3,000)
+            second.enroll(f"extra{i}", v)
+        second.wait_for_index(60)
+    with Gallery(path, MODEL, D, index=SMALL) as g, Gallery(path, MODEL, D) as exact:
+        assert g.count_faces() == exact.count_faces() == 3000 - 1 + 1 + 200
+        assert "p000000" not in [m.identity_id for m in g.search(vectors[0], 5)[0]]
+        assert g.search(newcomer, 1)[0][0].identity_id == "newcomer"
+        assert [g.search(v, 1)[0][0].identity_id for v in extra] == [f"extra{i}" for i in range(200)]
+
+
 def test_another_models_index_is_never_used(uniform):
     path, vectors, queries = uniform
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:
@@ -271,6 +446,16 @@ def test_another_models_index_is_never_used(uniform):
         # Its own model's index was rebuilt (the other model's opening stopped the change log): same answers.
         assert g.wait_for_index(60)
         assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
+
+
+def test_a_small_gallery_opens_without_a_warning(tmp_path: Path, caplog):
+    """Below the minimum no index is due: opening one (every start of every small gallery, every import) warned
+    that the index was not used and would be rebuilt."""
+    fill(tmp_path / "gallery.db", unit(np.random.default_rng(2).standard_normal((50, D))))
+    caplog.set_level(logging.INFO, logger="service.gallery")
+    with Gallery(tmp_path / "gallery.db", MODEL, D, index=IndexOptions()) as g:
+        assert not g.index_in_use
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_small_galleries_search_exactly_and_disabled_means_no_index(tmp_path: Path):
