@@ -123,6 +123,32 @@ def test_each_template_is_filed_in_its_two_nearest_cells(uniform, monkeypatch):
                 assert found[0, 0] == row
 
 
+def test_a_query_scans_exactly_its_nearest_cells_also_where_a_graph_filed_the_templates(uniform, monkeypatch):
+    """Large indexes file templates through an HNSW graph over the cell centres (quick for millions of
+    assignments, approximate); a query's cells are the exactly nearest ones all the same, and what is found
+    carries exact search's similarity."""
+    import faiss
+
+    monkeypatch.setattr(template_index, "HNSW_QUANTIZER_FROM", 16)
+    path, _, queries = uniform
+    with Gallery(path, MODEL, D, index=SMALL) as gallery, Gallery(path, MODEL, D) as exact:
+        assert gallery.wait_for_index(60)
+        snap = gallery._snap
+        assert "_HNSW" in snap.manifest["index"]
+        ivf = faiss.extract_index_ivf(snap.index)
+        graph = faiss.downcast_index(ivf.quantizer)
+        centres = faiss.rev_swig_ptr(faiss.downcast_index(graph.storage).get_xb(), ivf.nlist * D)
+        centres = np.array(centres, dtype=np.float64).reshape(ivf.nlist, D)
+        for q in queries[:10]:
+            nearest = np.argsort(((centres - q) ** 2).sum(1))[:8]
+            filed = set()
+            for cell in nearest:
+                size = ivf.invlists.list_size(int(cell))
+                filed |= set(faiss.rev_swig_ptr(ivf.invlists.get_ids(int(cell)), size).tolist())
+            assert set(snap.candidates(q[None], 10_000, 8).tolist()) == filed
+        assert_found_as_exact(answers(gallery, queries, 5, 0.5), answers(exact, queries, 5, 0.5), 0.5)
+
+
 def test_changes_are_visible_at_once_and_deleted_identities_never_return(uniform):
     path, vectors, queries = uniform
     rng = np.random.default_rng(8)
