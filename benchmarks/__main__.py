@@ -195,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import ann
 
     ann_sizes = (2000,) if quick else tuple(int(s) for s in args.ann_sizes.split(",") if s)
-    ann_rows, ann_http = [], []
+    ann_rows, ann_http, ann_builds = [], [], []
     if ann_sizes:
         print("\nSQLite gallery through its ANN index (Gallery.search, top 5) vs exact")
-        ann_rows, ann_http = ann.run(
+        ann_rows, ann_http, ann_builds = ann.run(
             ann_sizes, args.models_dir, args.photos.parent / "lfw-dev" / "images",
-            nprobes=(32,) if quick else (128, 256, 512),
+            nprobes=(32,) if quick else (512, 768, 1024),
             http_sizes=() if quick else tuple(int(s) for s in args.ann_http_sizes.split(",") if s),
             server_env={k: v for k, v in env.items() if k != "FACE_GALLERY_PATH"}, query_jpeg=suites.jpeg(portrait_a),
             requests=3 if quick else 60, repeat=5 if quick else 200, kinds=("uniform",) if quick else ann.KINDS,
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not quick or args.out != ROOT / "BENCHMARKS.md":
         write_report(args.out, info, started, load_before, load_after, command, det_rows, emb_rows, http,
                      galleries, identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows, pg_http,
-                     decoders, scale, profile, ann_rows, ann_http)
+                     decoders, scale, profile, ann_rows, ann_http, ann_builds)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -302,7 +302,7 @@ def kept_sections(path: Path, headings: tuple[str, ...] = KEPT_SECTIONS) -> list
 
 def write_report(path, info, started, load_before, load_after, command, det_rows, emb_rows, http, galleries,
                  identify, peer_result, peer_missing, ratios, quick, graphs, pg_rows=(), pg_http=(),
-                 decoders=(), scale=None, profile=None, ann_rows=(), ann_http=()) -> None:
+                 decoders=(), scale=None, profile=None, ann_rows=(), ann_http=(), ann_builds=()) -> None:
     from benchmarks import ann, pg_index_options, pg_search, request_profile, scale_out
     from benchmarks.embedder_graphs import report as graphs_report
 
@@ -382,7 +382,7 @@ def write_report(path, info, started, load_before, load_after, command, det_rows
         "",
         *pg_search.report_lines(list(pg_rows), list(pg_http), table),
         *kept_sections(path, (pg_index_options.SECTION,)),
-        *(ann.report_lines(list(ann_rows), list(ann_http), table) if ann_rows
+        *(ann.report_lines(list(ann_rows), list(ann_http), table, list(ann_builds)) if ann_rows
           else kept_sections(path, ("## ANN index for the SQLite gallery",))),
         *kept_sections(path, (ann.LIBRARIES_SECTION,)),
         *scale_out.report_lines(scale, table),

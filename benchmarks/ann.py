@@ -175,6 +175,10 @@ def drop_page_cache() -> bool:
     return True
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
+
+
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} s"
 
@@ -220,6 +224,16 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
             top5 = gallery.search(queries, top_k=5)
             turn = iter(range(10**9))
             t = measure(lambda g=gallery, turn=turn: g.search(queries[next(turn) % len(queries)], top_k=5), repeat)
+            one_thread_ms = None
+            if nprobe == shipped.nprobe:  # what the second scan thread (template_index.SPLIT_FROM) buys
+                from service import template_index
+                second_thread = template_index._second_thread
+                template_index._second_thread = lambda: None
+                try:
+                    one_thread_ms = measure(lambda g=gallery, turn=turn: g.search(
+                        queries[next(turn) % len(queries)], top_k=5), repeat).p50
+                finally:
+                    template_index._second_thread = second_thread
         number = lambda m: int(m.identity_id[1:])
         recall = {}
         for name, got_all in found.items():
@@ -234,6 +248,7 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
             "shipped": nprobe == shipped.nprobe, "threshold": threshold, "match_recall": match_recall,
             "recall_1to1": recall.get("1:1"),
             "match_pairs": pairs, "recall_at_5": hit5 / (5 * len(queries)), "p50_ms": t.p50, "p95_ms": t.p95,
+            "one_thread_ms": one_thread_ms,
             "exact_ms": exact_ms, "build_s": build_s, "load_s": load_s, "startup_s": startup_s,
             "cold_startup_s": cold_s, "sync_s": sync_s,
             "index_mb": folder_mb(index_folder(path)), "db_mb": path.stat().st_size / 2**20,
@@ -241,7 +256,7 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
         })
         r = rows[-1]
         print(f"  {r['kind']:>9} {r['faces']:>10,} faces ({r['identities']:,} identities), nprobe {nprobe}: "
-              f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f}; exact {exact_ms and f'{exact_ms:.2f}'}), match "
+              f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f}; one thread {_ms(one_thread_ms)}; exact {exact_ms and f'{exact_ms:.2f}'}), match "
               f"recall {_recall(r['match_recall'])} at {threshold} ({pairs} pairs), at the 1:1 threshold "
               f"{_recall_at(r['recall_1to1'])}, recall@5 {r['recall_at_5']:.4f}; "
               f"build {build_s:.0f} s (written back in {sync_s:.0f} s), start-up {startup_s:.2f} s (cold "
@@ -268,10 +283,10 @@ def http_row(path: Path, server_env: dict[str, str], query_jpeg: bytes, requests
     return row
 
 
-def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: tuple[int, ...] = (128, 256, 512),
+def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: tuple[int, ...] = (512, 768, 1024),
         http_sizes: tuple[int, ...] = (), server_env: dict[str, str] | None = None, query_jpeg: bytes | None = None,
         requests: int = 60, repeat: int = 200, exact_max: int = 1_000_000, kinds: tuple[str, ...] = KINDS,
-        workdir: Path | None = None) -> tuple[list[dict], list[dict]]:
+        workdir: Path | None = None, build_sizes: tuple[int, ...] = ()) -> tuple[list[dict], list[dict], list[dict]]:
     from benchmarks.pg_index_options import lfw_embeddings
     from benchmarks.pg_search import EmbeddingShape
     from service.embedder import Embedder
@@ -280,7 +295,7 @@ def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: 
     shape = EmbeddingShape(*lfw_embeddings(models_dir, lfw_images)) if "clustered" in kinds else None
     model = Embedder(models_dir / "mobilefacenet_192.onnx").model_id
     folder = Path(tempfile.mkdtemp(prefix="facerec-ann-", dir=workdir))
-    rows, http = [], []
+    rows, http, builds = [], [], []
     try:
         for n in sizes:
             for kind in kinds:
@@ -294,16 +309,46 @@ def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: 
                     rows.append({**row, "fill_s": fill_s})
                 if n in http_sizes and server_env is not None and query_jpeg is not None:
                     http.append(http_row(path, server_env, query_jpeg, requests, draw))
+                if n in build_sizes and server_env is not None:
+                    builds.append(server_build_row(path, server_env, draw))
                 path.unlink()
                 shutil.rmtree(index_folder(path), ignore_errors=True)
                 for extra in folder.glob(f"{path.name}-*"):
                     extra.unlink()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return rows, http
+    return rows, http, builds
 
 
-def report_lines(rows: list[dict], http: list[dict], table) -> list[str]:
+def server_build_row(path: Path, server_env: dict[str, str], draw: Draw, timeout_s: float = 3600.0) -> dict:
+    """`python -m service` on the database with its index folder removed: it loads every template to search
+    exactly and builds the index in the background, the most memory the server needs (what to size a container's
+    memory limit by). Waits for the build's log line."""
+    from benchmarks.harness import ServerProcess
+    from service.template_index import index_folder
+
+    shutil.rmtree(index_folder(path), ignore_errors=True)
+    server_log = path.with_name(path.name + "-server.log")
+    server_log.unlink(missing_ok=True)
+    # Its progress and "built in" lines are at info level.
+    env = {**server_env, "FACE_GALLERY_PATH": str(path), "BENCH_SERVER_LOG": str(server_log), "FACE_LOG_LEVEL": "info"}
+    with ServerProcess(env, start_timeout=900) as server:
+        ready = time.perf_counter()
+        while b"built in" not in server_log.read_bytes():
+            if time.perf_counter() - ready > timeout_s or server.process.poll() is not None:
+                raise RuntimeError(f"no index built by the server within {timeout_s:.0f} s (log: {server_log})")
+            time.sleep(1)
+        build_s = time.perf_counter() - ready
+        rss, peak = server.rss_mb()
+    row = {"kind": draw.kind, "faces": int(draw.counts.sum()), "identities": draw.identities,
+           "ready_s": server.startup_seconds, "build_s": build_s, "rss_mb": rss, "rss_peak_mb": peak}
+    print(f"  server building the index, {draw.kind} {row['faces']:,} faces: ready (exact) in "
+          f"{row['ready_s']:.1f} s, index built {build_s:.0f} s later, RSS after {rss:.0f} MiB, peak "
+          f"{peak:.0f} MiB", flush=True)
+    return row
+
+
+def report_lines(rows: list[dict], http: list[dict], table, builds: list[dict] = ()) -> list[str]:
     from service.template_index import IndexOptions, factory_for
 
     if not rows:
@@ -326,19 +371,21 @@ def report_lines(rows: list[dict], http: list[dict], table) -> list[str]:
          f"Index: `{factory_for(10**6, D).split(',')[1]}` fast-scan codes in IVF cells (about 4 sqrt(N): "
          + ", ".join(f"{factory_for(n, D).split(',')[0]} at {n:,}" for n in sorted({r['identities'] for r in rows}))
          + "), each template filed in its two nearest cells (spilling), a query's cells scanned half on each of two "
-         f"threads; {shipped.candidates} candidates re-ranked; the service ships nprobe {shipped.nprobe} "
+         "threads (one-thread p50: the same search with one, at the shipped nprobe); "
+         f"{shipped.candidates} candidates re-ranked; the service ships nprobe {shipped.nprobe} "
          "(`FACE_GALLERY_INDEX_NPROBE`). Build: from the templates in memory, on the 2 cores. Start-up: opening "
          "the gallery on its persisted index, page cache warm (cold: after emptying the kernel's page cache, as "
          "after a reboot; measured once per gallery, n/a where the benchmark may not empty it; both after the "
          "build's files are written back) (exact load: the same without an index, reading every face). Sizes: "
          "the index folder (templates float32 memory-mapped + the IVF file), beside the database."),
         "",
-        *table(["gallery", "faces", "identities", "nprobe", "search p50 ms", "p95 ms", "exact p50 ms",
+        *table(["gallery", "faces", "identities", "nprobe", "search p50 ms", "p95 ms", "one-thread p50 ms", "exact p50 ms",
                 "match recall (threshold, pairs)", "match recall at 1:1 threshold (pairs)", "recall@5", "build s", "start-up s", "cold start-up s", "exact load s",
                 "index MiB", "database MiB", "load"],
                [[r["kind"], f"{r['faces']:,}", f"{r['identities']:,}",
                  f"{r['nprobe']}" + (" (shipped)" if r["shipped"] else ""), f"{r['p50_ms']:.2f}",
-                 f"{r['p95_ms']:.2f}", "n/a" if r["exact_ms"] is None else f"{r['exact_ms']:.2f}",
+                 f"{r['p95_ms']:.2f}", "" if r.get("one_thread_ms") is None else f"{r['one_thread_ms']:.2f}",
+                 "n/a" if r["exact_ms"] is None else f"{r['exact_ms']:.2f}",
                  f"{_recall(r['match_recall'])} ({r['threshold']}, {r['match_pairs']})",
                  _recall_at(r.get("recall_1to1")), f"{r['recall_at_5']:.4f}",
                  f"{r['build_s']:.0f}", f"{r['startup_s']:.2f}",
@@ -356,7 +403,18 @@ def report_lines(rows: list[dict], http: list[dict], table) -> list[str]:
                [[h["kind"], f"{h['faces']:,}", f"{h['p50_ms']:.1f}", f"{h['p95_ms']:.1f}", h["errors"],
                  f"{h['ready_s']:.1f}", f"{h['rss_mb']:.0f}", f"{h['rss_peak_mb']:.0f}"] for h in http]),
         "",
-    ] if http else []) + [f"Sizes measured: {', '.join(f'{s:,}' for s in sizes)} faces.", ""]
+    ] if http else []) + ([
+        ("`python -m service` on the same databases with the index folder removed, as on a first start after a bulk "
+         "import: it loads every template (ready: exact search), builds the index in the background on both "
+         "cores and then searches through it. Its peak resident memory is what a container's memory limit must "
+         "allow (or build the index once with a larger limit and serve from it)."),
+        "",
+        *table(["gallery", "faces", "identities", "ready s (exact)", "build s after ready", "RSS after MiB",
+                "peak RSS MiB"],
+               [[b["kind"], f"{b['faces']:,}", f"{b['identities']:,}", f"{b['ready_s']:.1f}", f"{b['build_s']:.0f}",
+                 f"{b['rss_mb']:.0f}", f"{b['rss_peak_mb']:.0f}"] for b in builds]),
+        "",
+    ] if builds else []) + [f"Sizes measured: {', '.join(f'{s:,}' for s in sizes)} faces.", ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000,10000000", help="faces per gallery, comma-separated")
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--nprobe", default="128,256,512")
+    parser.add_argument("--nprobe", default="512,768,1024")
     parser.add_argument("--http-sizes", default="1000000,10000000",
                         help="sizes at which a server is started for /identify over HTTP (empty: none)")
+    parser.add_argument("--build-sizes", default="1000000,10000000",
+                        help="sizes at which a server is started without the index, to measure its build's memory")
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("FACE_MODELS_DIR",
                                                                                ROOT / "artifacts/models")))
     parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "faces")
@@ -384,14 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()[0]
     server_env, query_jpeg = http_inputs(args.models_dir, args.photos)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows, http = run(tuple(int(s) for s in args.sizes.split(",")), args.models_dir, args.lfw,
+    rows, http, builds = run(tuple(int(s) for s in args.sizes.split(",")), args.models_dir, args.lfw,
                      nprobes=tuple(int(p) for p in args.nprobe.split(",")),
                      http_sizes=tuple(int(s) for s in args.http_sizes.split(",") if s), server_env=server_env,
-                     query_jpeg=query_jpeg, kinds=tuple(args.kinds.split(",")), workdir=args.workdir)
+                     query_jpeg=query_jpeg, kinds=tuple(args.kinds.split(",")), workdir=args.workdir,
+                     build_sizes=tuple(int(s) for s in args.build_sizes.split(",") if s))
     if args.out:
         command = (f"python -m benchmarks.ann --sizes {args.sizes} --kinds {args.kinds} --nprobe {args.nprobe} "
-                   f"--http-sizes {args.http_sizes} --out BENCHMARKS.md")
-        write_section_alone(args.out, report_lines(rows, http, table), command, started, load_before)
+                   f"--http-sizes {args.http_sizes} --build-sizes {args.build_sizes} --out BENCHMARKS.md")
+        write_section_alone(args.out, report_lines(rows, http, table, builds), command, started, load_before)
     return 0
 
 

@@ -826,8 +826,8 @@ class Gallery(GalleryStore):
         # import while the server runs) changes it. See `_written_elsewhere`.
         self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         self._warned_elsewhere = False
-        # Identities' names and existence are read from the database when needed, not held in memory: loading
-        # them took 1.85 s per million identities at every start, and a dictionary of them about 100 MB.
+        # Identities' names and existence are read from the database when needed, not held in memory: a
+        # dictionary of them cost start-up time and memory in proportion to the gallery.
         self._reset_delta(0)
         self._faces = 0
         self._foreign_at_open: int | None = None

@@ -53,8 +53,8 @@ ADD_CHUNK = 200_000
 # search-time side.
 SPILL = 2
 # faiss scans one query's cells on one thread. From this many cells on, a search scans half of them on a second
-# thread (where the process may use two cores); below it the hand-off costs about what it saves. Measured at 1M
-# templates, 4,096 cells: 1.96 -> 1.22 ms at nprobe 512, 1.03 -> 0.74 ms at 256 (BENCHMARKS.md has the rest).
+# thread (where the process may use two cores); below it the hand-off costs about what it saves. BENCHMARKS.md's
+# ANN table has the search with one thread beside it at the shipped nprobe.
 SPLIT_FROM = 64
 _scan_pool: ThreadPoolExecutor | None = None
 _scan_pool_lock = threading.Lock()
@@ -68,7 +68,9 @@ class IndexOptions:
     # Below this many searchable identities exact search is used (and no index is built): BENCHMARKS.md measures
     # where the index starts to pay.
     min_identities: int = 50_000
-    nprobe: int = 512  # cells scanned per query
+    # Cells scanned per query. 768: on the clustered 10M benchmark gallery (3.3M identities, 8,192 cells) 512 cells
+    # held 98.1 % of a query's 5 nearest templates and 768 held 99.4 % (BENCHMARKS.md has the table).
+    nprobe: int = 768
     candidates: int = 100  # identities taken from the index per query, then re-ranked exactly
     # A rebuild starts when identities changed or added since the last build exceed this share of it (they are
     # searched exactly meanwhile, so they cost time per search as they grow).
