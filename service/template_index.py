@@ -46,11 +46,11 @@ MANIFEST = "manifest.json"
 TRAIN_POINTS_PER_CELL = 40
 TRAIN_ITERATIONS = 10
 ADD_CHUNK = 200_000
-# Cells each template is filed in. Measured on uniform random templates, the hard case for k-means cells, with
-# planted queries 0.75 from their face: at 10M templates in 16,384 cells, the face's own cell was among the
-# query's 512 nearest for 95.0 % of queries, one of its two nearest cells for 99.6 %. Scanning twice the codes per
-# cell costs less than scanning twice the cells for the same recall (1,024 cells: 98.7 %). BENCHMARKS.md has the
-# search-time side.
+# Cells each template is filed in. Measured by `python -m benchmarks.ann_spill --templates 10000000 --cells 16384
+# --nprobe 512,768,1024` on uniform random templates, the hard case for k-means cells, with planted queries 0.75
+# from their face: the face's own cell was among the query's 512 / 768 / 1,024 nearest for 95.0 / 97.3 / 98.65 %
+# of queries, one of its two nearest cells for 99.55 / 99.75 / 99.9 %. Scanning twice the codes per cell costs
+# less than scanning twice the cells for the same recall. BENCHMARKS.md has the search-time side.
 SPILL = 2
 # faiss scans one query's cells on one thread. From this many cells on, a search scans half of them on a second
 # thread (where the process may use two cores); below it the hand-off costs about what it saves. BENCHMARKS.md's
@@ -128,6 +128,9 @@ class Snapshot:
     def __init__(self, folder: Path, manifest: dict, ids: np.ndarray, sums: np.ndarray, norms: np.ndarray,
                  counts: np.ndarray, index: Any):
         self.folder, self.manifest = folder, manifest
+        # Plain ndarray views of the memory maps: indexing a np.memmap goes through Python-level code, about
+        # 10 microseconds a lookup, a dozen lookups a search (cProfile, 1M identities).
+        ids, sums, norms, counts = (np.asarray(a) for a in (ids, sums, norms, counts))
         self.ids, self.sums, self.norms, self.counts, self.index = ids, sums, norms, counts, index
         self.seq = int(manifest["seq"])
         self.faces = int(manifest["faces"])
