@@ -68,8 +68,8 @@ class IndexOptions:
     # Below this many searchable identities exact search is used (and no index is built): BENCHMARKS.md measures
     # where the index starts to pay.
     min_identities: int = 50_000
-    # Cells scanned per query. 768: on the clustered 10M benchmark gallery (3.3M identities, 8,192 cells) 512 cells
-    # held 98.1 % of a query's 5 nearest templates and 768 held 99.4 % (BENCHMARKS.md has the table).
+    # Cells scanned per query. 768: on the clustered 10M benchmark gallery (3.3M identities, 8,192 cells) the
+    # index returned 98.2 % of exact search's top 5 at 512 cells and 99.0 % at 768 (BENCHMARKS.md, ANN table).
     nprobe: int = 768
     candidates: int = 100  # identities taken from the index per query, then re-ranked exactly
     # A rebuild starts when identities changed or added since the last build exceed this share of it (they are
