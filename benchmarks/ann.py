@@ -223,15 +223,15 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
             found = {name: gallery.search(queries, top_k=5, threshold=t) for name, t in reference.thresholds.items()}
             top5 = gallery.search(queries, top_k=5)
             turn = iter(range(10**9))
-            t = measure(lambda g=gallery, turn=turn: g.search(queries[next(turn) % len(queries)], top_k=5), repeat)
+            one_query = lambda g=gallery, turn=turn: g.search(queries[next(turn) % len(queries)], top_k=5)
+            t = measure(one_query, repeat)
             one_thread_ms = None
             if nprobe == shipped.nprobe:  # what the second scan thread (template_index.SPLIT_FROM) buys
                 from service import template_index
                 second_thread = template_index._second_thread
                 template_index._second_thread = lambda: None
                 try:
-                    one_thread_ms = measure(lambda g=gallery, turn=turn: g.search(
-                        queries[next(turn) % len(queries)], top_k=5), repeat).p50
+                    one_thread_ms = measure(one_query, repeat).p50
                 finally:
                     template_index._second_thread = second_thread
         number = lambda m: int(m.identity_id[1:])
