@@ -59,8 +59,7 @@ def jpeg_markers(data: bytes) -> list[int]:
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if marker == 0xDA:
             found.append(pos)
-            m = image_structure._NEXT_MARKER.search(data, pos + 2 + length)
-            pos = m.start()
+            pos = image_structure.next_marker(data, pos + 2 + length)
             continue
         pos += 2 + length
     return found
@@ -187,6 +186,22 @@ def test_jpeg_scan_without_data_is_refused(photo: np.ndarray, no_decoder) -> Non
     (length,) = struct.unpack(">H", data[sos + 2 : sos + 4])
     refused(data[: sos + 2 + length] + b"\xff\xd9", "scan 1 has no data")
     refused(data[:sos] + b"\xff\xd9", "no scan data")
+
+
+@pytest.mark.parametrize(
+    "data, start, expected",
+    [
+        (b"\x12\x34\xff\xd9", 0, 2),  # the end-of-image marker
+        (b"\x12\xff\x00\x34\xff\xd9", 0, 4),  # a stuffed zero is data
+        (b"\x12\xff\xd3\x34\xff\xc4", 0, 4),  # so is a restart marker; a table segment is not
+        (b"\x12\xff\xff\xff\xd9", 0, 1),  # fill bytes belong to the marker they precede
+        (b"\xff\x00\xff\xff\xd9", 0, 2),  # a stuffed 0xFF is not a fill byte
+        (b"\xff\xff\xd9", 1, 1),  # nor is a 0xFF before `start`
+        (b"\x12\xff\x00\xff\xd7\xff", 0, None),  # no marker (a last lone 0xFF is not one)
+    ],
+)
+def test_next_marker_after_scan_data(data: bytes, start: int, expected: int | None) -> None:
+    assert image_structure.next_marker(data, start) == expected
 
 
 def test_truncated_jpeg_without_end_marker_is_refused(photo: np.ndarray, no_decoder) -> None:
