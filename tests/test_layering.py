@@ -147,11 +147,6 @@ def test_the_api_reaches_the_models_only_through_the_pipeline() -> None:
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
                 owner = func.value if isinstance(func, ast.Attribute) else None
                 via_pipeline = isinstance(owner, ast.Attribute) and owner.attr == "pipeline"
-                if name in stages and not via_pipeline and not (name == "embed" and _is_runtime_call(owner)):
+                if name in stages and not via_pipeline:
                     found.append(f"{path.name}:{node.lineno} {ast.unparse(func)}")
     assert found == []
-
-
-def _is_runtime_call(owner) -> bool:
-    """`runtime.embed(...)` is the runtime's own async wrapper around Pipeline.embed."""
-    return isinstance(owner, ast.Name) and owner.id == "runtime"

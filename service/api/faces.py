@@ -71,20 +71,19 @@ async def _chosen_face(
     runtime: Runtime, upload: ImageUpload, options: VerifyOptions, index: int | None
 ) -> tuple[Face, int, int]:
     """The face of one image to verify with: the requested index, or the largest; embedded."""
-    image, faces = await runtime.decode_faces(upload, options, embed=False)
-    if not faces:
-        raise NoFace(f"no face found in {upload.field}", details=upload.describe())
-    if index is None:
-        best = largest(faces)
-        index = next(i for i, f in enumerate(faces) if f is best)
-    elif index >= len(faces):
-        raise InvalidParameter(
-            f"{upload.field} has {len(faces)} face(s); face index {index} does not exist",
-            details={**upload.describe(), "faces_found": len(faces), "face_index": index},
-        )
-    face = faces[index]
-    await runtime.embed(image, [face])
-    return face, index, len(faces)
+
+    def choose(faces: list[Face]) -> list[Face]:
+        if not faces:
+            raise NoFace(f"no face found in {upload.field}", details=upload.describe())
+        if index is not None and index >= len(faces):
+            raise InvalidParameter(
+                f"{upload.field} has {len(faces)} face(s); face index {index} does not exist",
+                details={**upload.describe(), "faces_found": len(faces), "face_index": index},
+            )
+        return [largest(faces) if index is None else faces[index]]
+
+    _, faces, (face,) = await runtime.decode_chosen_faces(upload, options, choose)
+    return face, next(i for i, f in enumerate(faces) if f is face), len(faces)
 
 
 async def _identity_similarity(runtime: Runtime, identity_id: str, embedding: np.ndarray) -> float:
@@ -129,15 +128,16 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
             # across images: measured (benchmarks/embed_batching.py, BENCHMARKS.md), a batch of N crops costs
             # more per face than N calls of one on ONNX Runtime's CPU provider, so batching would only add memory.
             async with runtime.admitted(upload):
-                # Detection only; quality (which embeds) is measured below, for the chosen faces alone.
+                # One trip to a worker each way: every face embedded, or the largest chosen and only it embedded.
                 if options.faces == "all":
                     image, faces = await runtime.decode_faces(
-                        upload, options, embed=False, max_faces=options.max_faces, quality=False
+                        upload, options, embed=True, max_faces=options.max_faces, quality=options.quality
                     )
                 else:
-                    image, faces = await runtime.decode_faces(upload, options, embed=False, quality=False)
-                    faces = [largest(faces)] if faces else []
-                found.append((upload, image_info(image), await runtime.embed(image, faces, quality=options.quality)))
+                    image, _, faces = await runtime.decode_chosen_faces(
+                        upload, options, lambda faces: [largest(faces)] if faces else [], quality=options.quality
+                    )
+                found.append((upload, image_info(image), faces))
                 del image
     encode = vectors.to_base64 if options.format == "base64" else (lambda v: [float(x) for x in v])
     return EmbedResponse(

@@ -53,17 +53,18 @@ async def _enrollable_face(runtime: Runtime, upload: ImageUpload, options: Enrol
 
 
 async def _largest_enrollable_face(runtime: Runtime, upload: ImageUpload, options: EnrollOptions) -> Face:
-    image, faces = await runtime.decode_faces(upload, options, embed=False)
-    if not faces:
-        raise NoFace(f"images[{upload.index}]: no face found", details=upload.describe())
-    if len(faces) > 1 and options.multiple_faces == "reject":
-        raise TooManyFaces(
-            f"images[{upload.index}]: {len(faces)} faces found; send a photo of one person, or set "
-            "multiple_faces=largest",
-            details={**upload.describe(), "faces_found": len(faces)},
-        )
-    face = largest(faces)
-    await runtime.embed(image, [face], quality=True)
+    def choose(faces: list[Face]) -> list[Face]:
+        if not faces:
+            raise NoFace(f"images[{upload.index}]: no face found", details=upload.describe())
+        if len(faces) > 1 and options.multiple_faces == "reject":
+            raise TooManyFaces(
+                f"images[{upload.index}]: {len(faces)} faces found; send a photo of one person, or set "
+                "multiple_faces=largest",
+                details={**upload.describe(), "faces_found": len(faces)},
+            )
+        return [largest(faces)]
+
+    _, _, (face,) = await runtime.decode_chosen_faces(upload, options, choose, quality=True)
     if options.check_quality:
         minimums = runtime.settings.enroll_minimums
         if options.quality_minimums is not None:  # this enrolment's own, where given
