@@ -762,7 +762,14 @@ class Gallery(GalleryStore):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per operation.
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":  # e.g. a network file system; rollback journal + FULL is still durable
+        # WAL lets a read-only connection of another thread scan the file beside this one's writes: start-up's
+        # whole-table checks run so (`_reading_beside`), after the service is ready. Without it they run inline.
+        self._wal = mode.lower() == "wal"
+        self._beside = 0  # connections of `_reading_beside` open now
+        self._readers_open: set[sqlite3.Connection] = set()
+        self._purge_pending = False
+        self._checker: threading.Thread | None = None
+        if not self._wal:  # e.g. a network file system; rollback journal + FULL is still durable
             log.warning(
                 "gallery %s: journal mode is %s, not WAL (the file system refused it)", self.path, mode
             )
@@ -839,18 +846,28 @@ class Gallery(GalleryStore):
                 # index, a snapshot another process uses stays valid: the log goes on.)
                 self._stop_change_log()
             self._load()
-        log.info(
-            "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded from %s in %.2f s "
-            "(%d faces of other models)",
-            self.path,
-            self.count_identities(),
-            self.count_searchable_identities(),
-            self._faces,
-            self.model_sha256[:12],
-            source,
-            time.perf_counter() - started,
-            self.count_foreign() if self._foreign_at_open is None else self._foreign_at_open,
-        )
+        if self._snap is not None and self._wal:
+            # The database's own totals (every face, every identity: whole-index scans, ~1 GB of reading at 10M
+            # faces, most of a cold start-up) are counted after the service is ready, beside it.
+            log.info("gallery %s: %d identities searchable with %d faces of model %s, loaded from %s in %.2f s; "
+                     "checking the database's totals against it in the background", self.path,
+                     self.count_searchable_identities(), self._faces, self.model_sha256[:12], source,
+                     time.perf_counter() - started)
+            self._checker = threading.Thread(target=self._check_snapshot, name="gallery-check", daemon=True)
+            self._checker.start()
+        else:
+            log.info(
+                "gallery %s: %d identities, %d searchable with %d faces of model %s, loaded from %s in %.2f s "
+                "(%d faces of other models)",
+                self.path,
+                self.count_identities(),
+                self.count_searchable_identities(),
+                self._faces,
+                self.model_sha256[:12],
+                source,
+                time.perf_counter() - started,
+                self.count_foreign() if self._foreign_at_open is None else self._foreign_at_open,
+            )
         self._maybe_rebuild()
 
     def _reset_delta(self, rows: int) -> None:
@@ -947,21 +964,97 @@ class Gallery(GalleryStore):
             log.warning("gallery %s: index not used: %s; exact search until it is rebuilt", self.path, exc)
             return False
         self._adopt(snap, changed, from_database=True)
-        # Both face totals in one scan of the model index (the start-up log wants the other models' too): on a
-        # cold page cache that scan is most of a start-up's reading at 10M faces, ~750 MB.
-        total, stored = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(model_sha256 = ?), 0) FROM faces", (self.model_sha256,)
-        ).fetchone()
-        self._foreign_at_open = total - stored
-        if stored != self._faces:
-            log.warning("gallery %s: index not used: it accounts for %d faces, the database holds %d; exact "
-                        "search until it is rebuilt", self.path, self._faces, stored)
-            self._snap, self._retired, self._retired_count, self._faces = None, np.zeros(0, bool), 0, 0
-            self._reset_delta(0)
-            return False
+        if not self._wal:  # no reader beside this connection: the check of `_check_snapshot`, here
+            total, stored = self._face_totals(self._db)
+            self._foreign_at_open = total - stored
+            if stored != self._faces:
+                self._drop_snapshot(stored)
+                return False
         log.info("gallery %s: index %s of %d identities in use (%d identities changed since its build)",
                  self.path, snap.manifest.get("index"), len(snap), len(changed))
         return True
+
+    def _face_totals(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """(every face, this model's faces), in one scan of the model index."""
+        total, stored = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(model_sha256 = ?), 0) FROM faces", (self.model_sha256,)
+        ).fetchone()
+        return int(total), int(stored)
+
+    def _drop_snapshot(self, stored: int) -> None:
+        """The snapshot accounts for other faces than the database holds: searched exactly from now on (the
+        caller loads every face), until a rebuild."""
+        log.warning("gallery %s: index not used: it accounts for %d faces, the database holds %d; exact search "
+                    "until it is rebuilt", self.path, self._faces, stored)
+        self._snap, self._retired, self._retired_count, self._faces = None, np.zeros(0, bool), 0, 0
+        self._reset_delta(0)
+
+    def _check_snapshot(self) -> None:
+        """After a start from a snapshot: the database's count of this model's faces must be the snapshot's, as
+        the change log has brought it up to date. The log is written by triggers, whoever writes, so they agree
+        unless the file was changed around them (triggers dropped, rows restored from elsewhere); then the
+        snapshot is dropped and every face loaded, as a start-up without one would. Runs in its own thread on a
+        read-only connection of its own, which sees the database exactly as `_faces` describes it: its read
+        transaction starts while the lock keeps every write out."""
+        try:
+            with self._reading_beside() as reader:
+                with self._lock:
+                    if self._closing.is_set() or self._snap is None:
+                        return
+                    reader.execute("BEGIN")
+                    reader.execute("SELECT COUNT(*) FROM gallery_id").fetchone()  # the read snapshot starts here
+                    snap, expected = self._snap, self._faces
+                total, stored = self._face_totals(reader)
+                identities = reader.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+                reader.execute("COMMIT")
+        except sqlite3.Error as exc:  # interrupted by close(), or the file is unreadable
+            if not self._closing.is_set():
+                log.warning("gallery %s: the check of the index against the database failed: %s", self.path, exc)
+            return
+        if stored == expected:
+            log.info("gallery %s: checked: the database holds %d identities and %d faces of model %s, as the "
+                     "index accounts for (%d faces of other models)", self.path, identities, stored,
+                     self.model_sha256[:12], total - stored)
+            return
+        with self._lock:
+            if self._closing.is_set() or self._snap is not snap:
+                return
+            self._drop_snapshot(stored)
+            self._stop_change_log()
+            self._load()
+        self._maybe_rebuild()
+
+    def wait_for_check(self, timeout: float | None = None) -> None:
+        """Wait for the start-up check of the index against the database (`_check_snapshot`), if one runs."""
+        checker = self._checker
+        if checker is not None:
+            checker.join(timeout)
+
+    @contextmanager
+    def _reading_beside(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection of its own, for a whole-table scan in another thread while this connection
+        serves (WAL: readers and the writer do not wait for each other). A delete's TRUNCATE checkpoint would
+        wait for it (up to the busy timeout, the lock held): it is deferred until the last such reader closes."""
+        if not self._wal:
+            with self._lock:
+                yield self._db
+            return
+        with self._lock:
+            self._beside += 1
+        reader = None
+        try:
+            reader = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False,
+                                     timeout=10, isolation_level=None)
+            self._readers_open.add(reader)
+            yield reader
+        finally:
+            if reader is not None:
+                self._readers_open.discard(reader)
+                reader.close()
+            with self._lock:
+                self._beside -= 1
+                if not self._beside and self._purge_pending and not self._closing.is_set():
+                    self._purge_wal()
 
     def _adopt(self, snap: Snapshot, changed: Iterable[str], *, from_database: bool) -> None:
         """Make `snap` the snapshot. `changed`: identities whose template may differ from the snapshot's, taken
@@ -1350,6 +1443,10 @@ class Gallery(GalleryStore):
     def _purge_wal(self) -> None:
         # Old versions of the erased pages still sit in the WAL until a checkpoint copies the zeroed pages
         # back and TRUNCATE empties the log.
+        if self._beside:  # a scan of `_reading_beside` holds old pages; the checkpoint runs when it ends
+            self._purge_pending = True
+            return
+        self._purge_pending = False
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:  # busy with a reader elsewhere; the next checkpoint completes it
@@ -1406,9 +1503,10 @@ class Gallery(GalleryStore):
     def identities_with_suspect_text(self, problem: Callable[[Any], str | None]) -> list[str]:
         """Ids of identities whose display name or metadata `problem` refuses, in id order. Metadata is stored as
         JSON written with ASCII escapes, so a lone surrogate or NUL in it reads `\\u`; a display name can hold
-        one only outside ASCII or as a NUL. Only the rows SQL finds so are decoded and checked."""
-        with self._lock:
-            rows = self._db.execute(
+        one only outside ASCII or as a NUL. Only the rows SQL finds so are decoded and checked. A scan of every
+        identity, read beside the gallery's connection: searches and writes go on meanwhile."""
+        with self._reading_beside() as reader:
+            rows = reader.execute(
                 "SELECT id, display_name, metadata FROM identities WHERE instr(metadata, '\\u') > 0 "
                 "OR instr(display_name, char(0)) > 0 OR display_name GLOB ? ORDER BY id",
                 ("*[^ -~]*",),
@@ -1522,6 +1620,8 @@ class Gallery(GalleryStore):
 
     def close(self) -> None:
         self._closing.set()
+        for reader in list(self._readers_open):  # a scan beside stops at once (sqlite3.OperationalError there)
+            reader.interrupt()
         builder = self._builder
         if builder is not None:
             # A build stops at its next step; one inside faiss's training cannot be interrupted, and is left

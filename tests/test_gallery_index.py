@@ -290,6 +290,49 @@ def test_changes_the_index_cannot_account_for_make_it_stale(uniform):
     _restart_and_check(path, queries, stale)
 
 
+def test_a_change_made_around_the_change_log_is_found_after_start_up(uniform, caplog):
+    """The database's face count is checked against the index after start-up, beside the service (a scan of
+    every face: most of a cold start's reading at millions). A face deleted with the log's trigger dropped (the
+    log itself still on, so nothing else tells) is found then: the index is dropped, every face loaded, and the
+    index rebuilt, exact search answering meanwhile."""
+    path, _, queries = uniform
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        assert g.wait_for_index(60)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER faces_deleted_log")
+        db.execute("DELETE FROM faces WHERE identity_id = 'p000000'")
+    with caplog.at_level(logging.INFO, logger="service.gallery"), \
+            Gallery(path, MODEL, D, index=EVERYTHING) as g, Gallery(path, MODEL, D) as exact:
+        g.wait_for_check(60)
+        assert "checking the database's totals against it in the background" in caplog.text  # opened on the index
+        assert "index not used: it accounts for 3000 faces, the database holds 2999" in caplog.text
+        assert g.count_faces() == exact.count_faces() == 2999
+        assert answers(g, queries) == answers(exact, queries)
+        assert "p000000" not in {m.identity_id for m in g.search(queries[0], 5)[0]}
+        assert g.wait_for_index(60)
+        assert answers(g, queries) == answers(exact, queries)
+
+
+def test_a_deletion_beside_a_start_up_scan_does_not_wait_for_it(uniform):
+    """Deleting erases the WAL (TRUNCATE checkpoint), which waits for readers; while a start-up scan reads beside
+    the gallery, that checkpoint is deferred to the scan's end instead of holding every request up."""
+    path, _, _ = uniform
+    wal = path.with_name(path.name + "-wal")
+    with Gallery(path, MODEL, D, index=EVERYTHING) as g:
+        g.wait_for_check(60)
+        with g._reading_beside() as reader:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT COUNT(*) FROM faces").fetchone()[0] == 3000
+            started = time.monotonic()
+            g.delete_identity("p000001")
+            assert time.monotonic() - started < 5  # the busy timeout is 10 s
+            assert reader.execute("SELECT COUNT(*) FROM faces").fetchone()[0] == 3000  # its snapshot, still
+            assert wal.stat().st_size > 0
+            reader.execute("COMMIT")
+        assert wal.stat().st_size == 0  # erased when the scan ended
+        assert g.count_faces() == 2999
+
+
 def test_an_older_copy_of_the_database_is_not_searched_through_a_newer_index(uniform, tmp_path: Path):
     path, _, queries = uniform
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:

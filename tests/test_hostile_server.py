@@ -265,6 +265,10 @@ def test_rows_stored_before_the_check_are_found_at_start_and_still_served(
         db.execute("UPDATE identities SET metadata = ? WHERE id = 'poisoned'",
                    (json.dumps({"note": "\udfff", "emoji": "\U0001f600", "\ud800": 1}),))
     with running_server(models_dir, tmp_path, FACE_GALLERY_PATH=str(path)) as server:
+        # The check runs after start-up, beside the service: its warning comes within moments of /ready.
+        deadline = time.monotonic() + 30
+        while "identities hold text" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "1 identities hold text that is not valid Unicode" in server.log_text()
         assert "poisoned" in server.log_text()
         one = httpx.get(server.url + "/identities/poisoned")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -121,7 +122,10 @@ class Runtime:
         runtime = cls(settings, metrics, pipeline, gallery, inference_pool, gallery_pool)
         await runtime.infer(runtime._warm_up)
         await runtime.refresh_gallery_gauge()
-        await runtime.in_gallery(_report_unservable_rows, gallery)
+        # A scan of every stored identity: seconds at millions, more from a cold disk. Not something to keep the
+        # service from answering for: it runs after start-up, on a thread (and, in SQLite, a connection) of its own.
+        threading.Thread(target=_report_unservable_rows, args=(gallery,), name="gallery-text-check",
+                         daemon=True).start()
         return runtime
 
     def _warm_up(self) -> None:
@@ -265,7 +269,11 @@ class Runtime:
 def _report_unservable_rows(gallery) -> None:
     """Start-up check: rows stored before bad text (lone surrogates, NUL) was refused at the door. Reads serve
     them with U+FFFD in their place; the warning names them so that they can be fixed or deleted."""
-    bad = unservable_identities(gallery)
+    try:
+        bad = unservable_identities(gallery)
+    except Exception as exc:  # noqa: BLE001 - whichever store: it closed under the scan (shutdown), or is gone
+        log.warning("the start-up check of stored identities' text did not finish: %s", exc)
+        return
     if bad:
         log.warning(
             "%d identities hold text that is not valid Unicode (served with U+FFFD in its place): %s%s",
