@@ -1621,7 +1621,10 @@ class Gallery(GalleryStore):
     def close(self) -> None:
         self._closing.set()
         for reader in list(self._readers_open):  # a scan beside stops at once (sqlite3.OperationalError there)
-            reader.interrupt()
+            try:
+                reader.interrupt()
+            except sqlite3.ProgrammingError:  # it closed meanwhile
+                pass
         builder = self._builder
         if builder is not None:
             # A build stops at its next step; one inside faiss's training cannot be interrupted, and is left

@@ -333,6 +333,37 @@ def test_a_deletion_beside_a_start_up_scan_does_not_wait_for_it(uniform):
         assert g.count_faces() == 2999
 
 
+def test_closing_stops_a_scan_beside_the_gallery_at_once(uniform):
+    """A start-up scan still reading when the service stops (a cold disk at millions of rows) is interrupted, not
+    waited for: here a query that would run for minutes."""
+    import threading
+
+    path, _, _ = uniform
+    g = Gallery(path, MODEL, D)
+    outcome: list[BaseException | None] = []
+
+    def scan() -> None:
+        try:
+            with g._reading_beside() as reader:
+                reader.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000000) "
+                               "SELECT COUNT(*) FROM c").fetchone()
+            outcome.append(None)
+        except sqlite3.OperationalError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=scan)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not g._readers_open and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # inside the query by now
+    started = time.monotonic()
+    g.close()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 5
+    assert isinstance(outcome[0], sqlite3.OperationalError) and "interrupted" in str(outcome[0])
+
+
 def test_an_older_copy_of_the_database_is_not_searched_through_a_newer_index(uniform, tmp_path: Path):
     path, _, queries = uniform
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:
