@@ -765,8 +765,7 @@ class Gallery(GalleryStore):
         # WAL lets a read-only connection of another thread scan the file beside this one's writes: start-up's
         # whole-table checks run so (`_reading_beside`), after the service is ready. Without it they run inline.
         self._wal = mode.lower() == "wal"
-        self._beside = 0  # connections of `_reading_beside` open now
-        self._readers_open: set[sqlite3.Connection] = set()
+        self._readers_open: set[sqlite3.Connection] = set()  # of `_reading_beside`, changed under the lock
         self._purge_pending = False
         self._checker: threading.Thread | None = None
         if not self._wal:  # e.g. a network file system; rollback journal + FULL is still durable
@@ -1039,21 +1038,17 @@ class Gallery(GalleryStore):
             with self._lock:
                 yield self._db
             return
+        reader = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False,
+                                 timeout=10, isolation_level=None)
         with self._lock:
-            self._beside += 1
-        reader = None
-        try:
-            reader = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False,
-                                     timeout=10, isolation_level=None)
             self._readers_open.add(reader)
+        try:
             yield reader
         finally:
-            if reader is not None:
+            with self._lock:
                 self._readers_open.discard(reader)
                 reader.close()
-            with self._lock:
-                self._beside -= 1
-                if not self._beside and self._purge_pending and not self._closing.is_set():
+                if not self._readers_open and self._purge_pending and not self._closing.is_set():
                     self._purge_wal()
 
     def _adopt(self, snap: Snapshot, changed: Iterable[str], *, from_database: bool) -> None:
@@ -1443,7 +1438,7 @@ class Gallery(GalleryStore):
     def _purge_wal(self) -> None:
         # Old versions of the erased pages still sit in the WAL until a checkpoint copies the zeroed pages
         # back and TRUNCATE empties the log.
-        if self._beside:  # a scan of `_reading_beside` holds old pages; the checkpoint runs when it ends
+        if self._readers_open:  # a scan of `_reading_beside` holds old pages; the checkpoint runs when it ends
             self._purge_pending = True
             return
         self._purge_pending = False

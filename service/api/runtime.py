@@ -190,8 +190,7 @@ class Runtime:
         their quality when `quality`): the faces a request compares or stores, not every face in the photo. One
         trip to an inference worker, `choose` included (it may raise to refuse the photo): a second trip to
         embed would add a hand-over between threads to the request's time (about 0.14 ms here, each)."""
-        limit = self.settings.max_faces
-        return await self.infer(self._decode_chosen_faces, upload, options, choose, limit, quality)
+        return await self.infer(self._decode_chosen_faces, upload, options, choose, self.settings.max_faces, quality)
 
     def _decode_chosen_faces(
         self, upload: ImageUpload, options: DetectionOptions, choose: Callable[[list[Face]], list[Face]],
