@@ -8,13 +8,17 @@ Two views of the same requests, in one run:
   step the server takes for it (time the thread ran, which other processes on the machine do not inflate),
   median of `--repeat` rounds, the steps round-robin: JPEG decode (service.images), the detector's input blob,
   the network (ONNX Runtime, one intra-op thread as the server's workers use), thresholding/decoding/NMS, the
-  answer's JSON. The blob row also times the numpy form of the same normalisation (what the detector did before
-  it used OpenCV's one pass): the "before" of that change, measured beside the "after".
+  answer's JSON. The blob rows also time the earlier forms of the same normalisation (numpy's passes, then
+  OpenCV's blobFromImage): the "before" of those changes, measured beside the "after".
 - Over HTTP, a real `python -m service` (default settings) on a free port, one client on a keep-alive connection
-  (concurrency 1): GET /health (the floor: a request with no work), then /detect and /verify; the client's latency; the server's own time per request (face_http_request_duration_seconds,
-  taken in its outermost middleware); per pipeline stage (face_stage_duration_seconds), as means per request
-  from /metrics before and after. client - server is the transport (TCP on localhost, HTTP parsing, the
-  client); server - stages is multipart parsing, thread-pool hops and the JSON answer.
+  (concurrency 1): GET /health (the floor: a request with no work), then /detect and /verify; the client's
+  latency; the server's own time per request (face_http_request_duration_seconds, taken in its outermost
+  middleware); per pipeline stage (face_stage_duration_seconds), as means per request from /metrics before and
+  after. client - server is the transport (TCP on localhost, HTTP parsing, the client); server - stages is
+  multipart parsing, thread-pool hops and the JSON answer. The client is the standard library's http.client
+  sending a multipart body built once, as curl or any compiled client costs next to nothing; /health and
+  /detect are also sent through httpx (which builds the multipart body and its response objects in Python on
+  every request), in rows of their own, to show what such a client adds on its side.
 
 The issue's yardstick: /detect p50 <= the network's p50 + 6 ms, the network timed in the same run (wall time,
 one thread, on the same frame: in this process, in blocks alternating with blocks of /detect requests, so that
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import http.client
 import json
 import os
 import re
@@ -86,6 +91,8 @@ def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
     # cannot start with a byte scan): the "before" of that change, checked once to find what the linear one finds.
     scan_data = _scan_data(detect_jpeg)
     assert _MARKER_BEFORE.search(detect_jpeg, scan_data).start() == next_marker(detect_jpeg, scan_data)
+    import cv2
+
     detector = RetinaFaceDetector(models_dir / "retinaface_mnet025.onnx", session_options(1, 1))
     pipeline = Pipeline(detector, embedder=None)  # detection only
     image = decode_image(detect_jpeg, max_bytes=1 << 30, max_pixels=1 << 30)
@@ -93,7 +100,9 @@ def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
     names = list(detector._output_names)
     outputs = detector.session.run(names, {"input": blob})
     faces = pipeline.detect(image)
-    assert np.allclose(_numpy_blob(detector, image), blob, atol=1e-5), "the two blob forms disagree"
+    assert np.allclose(_numpy_blob(detector, image), blob, atol=1e-5), "the numpy blob form disagrees"
+    assert np.allclose(cv2.dnn.blobFromImageWithParams(image, detector._blob_params), blob, atol=1e-5), (
+        "the blobFromImage form disagrees")
 
     def answer() -> bytes:
         info = ImageInfo(width=image.shape[1], height=image.shape[0])
@@ -105,8 +114,10 @@ def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
         "JPEG structure check, whole walk (service.image_structure)": lambda: check_jpeg(detect_jpeg),
         "its search for the marker after the scan, `\\xff+` (before)": lambda: _MARKER_BEFORE.search(detect_jpeg, scan_data),
         "its search for the marker after the scan, linear (after)": lambda: next_marker(detect_jpeg, scan_data),
-        "detector input, numpy form (before)": lambda: _numpy_blob(detector, image),
-        "detector input, OpenCV one pass (after)": lambda: detector._prepare(image),
+        "detector input, numpy form (first)": lambda: _numpy_blob(detector, image),
+        "detector input, cv2.dnn.blobFromImage (before)": lambda: cv2.dnn.blobFromImageWithParams(
+            image, detector._blob_params),
+        "detector input, cv2.addWeighted per plane (after)": lambda: detector._prepare(image),
         "network (ONNX Runtime, 1 thread)": lambda: detector.session.run(names, {"input": blob}),
         "detect() end to end (input + network + decode + NMS)": lambda: detector.detect(image),
         "the answer's JSON (pydantic)": answer,
@@ -126,7 +137,7 @@ def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
              "wall_min_ms": float(np.min(wall[label]))} for label in steps]
     by = {r["step"]: r for r in rows}
     post = by["detect() end to end (input + network + decode + NMS)"]["cpu_ms"] - by[
-        "detector input, OpenCV one pass (after)"]["cpu_ms"] - by["network (ONNX Runtime, 1 thread)"]["cpu_ms"]
+        "detector input, cv2.addWeighted per plane (after)"]["cpu_ms"] - by["network (ONNX Runtime, 1 thread)"]["cpu_ms"]
     return {"rows": rows, "network_p50_ms": by["network (ONNX Runtime, 1 thread)"]["wall_ms"],
             "post_cpu_ms": post, "faces": len(faces), "outputs": [o.shape for o in outputs],
             "network": lambda: detector.session.run(names, {"input": blob})}
@@ -145,6 +156,35 @@ def _scrape(client) -> dict[tuple[str, str], float]:
     return out
 
 
+def multipart(files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body of these file parts (field -> (filename, JPEG bytes)) and its content type."""
+    boundary = "facerec-request-profile-7d1f0c"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"
+        for field, (name, data) in files.items()
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class PlainClient:
+    """One keep-alive HTTP/1.1 connection through the standard library: the request's bytes and the status
+    line, headers and body read back, nothing built per request beyond the headers."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> int:
+        self.connection.request(method, path, body=body, headers={"Content-Type": content_type} if body else {})
+        response = self.connection.getresponse()
+        response.read()
+        return response.status
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 def over_http(models_dir: Path, detect_jpeg: bytes, pair: tuple[bytes, bytes], requests: int,
               network=None) -> list[dict]:
     """Client latency, server time and stage means per request for /detect and /verify at concurrency 1. With
@@ -160,24 +200,29 @@ def over_http(models_dir: Path, detect_jpeg: bytes, pair: tuple[bytes, bytes], r
     env = {"FACE_MODELS_DIR": str(models_dir.resolve()), "FACE_GALLERY_PATH": str(workdir / "profile.db"),
            "FACE_LOG_LEVEL": "warning"}
     results = []
+    detect_body = multipart({"image": ("frame.jpg", detect_jpeg)})
+    verify_body = multipart({"image1": ("a.jpg", pair[0]), "image2": ("b.jpg", pair[1])})
     with ServerProcess(env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
-        calls = {
+        plain = PlainClient(server.url)
+        calls = {  # row -> (endpoint, one request returning its status)
             # The floor: what any request costs here (client, TCP on localhost, HTTP parsing, the middleware).
-            "/health": lambda: client.get("/health"),
-            "/detect": lambda: client.post("/detect", files={"image": ("frame.jpg", detect_jpeg, "image/jpeg")}),
-            "/verify": lambda: client.post("/verify", files={"image1": ("a.jpg", pair[0], "image/jpeg"),
-                                                             "image2": ("b.jpg", pair[1], "image/jpeg")}),
+            "/health": ("/health", lambda: plain.request("GET", "/health")),
+            "/detect": ("/detect", lambda: plain.request("POST", "/detect", *detect_body)),
+            "/verify": ("/verify", lambda: plain.request("POST", "/verify", *verify_body)),
+            "/health (httpx)": ("/health", lambda: client.get("/health").status_code),
+            "/detect (httpx)": ("/detect", lambda: client.post(
+                "/detect", files={"image": ("frame.jpg", detect_jpeg, "image/jpeg")}).status_code),
         }
-        for endpoint, call in calls.items():
+        for row, (endpoint, call) in calls.items():
             for _ in range(5):
-                call().raise_for_status()
+                assert call() == 200, f"{row} failed"
             before = _scrape(client)
             latencies, errors, beside = [], 0, []
             for i in range(requests):
                 t0 = time.perf_counter()
-                response = call()
+                status = call()
                 latencies.append(1000 * (time.perf_counter() - t0))
-                errors += response.status_code != 200
+                errors += status != 200
                 if network is not None and endpoint == "/detect" and (i + 1) % BLOCK == 0:
                     for _ in range(BLOCK):
                         t0 = time.perf_counter()
@@ -193,13 +238,14 @@ def over_http(models_dir: Path, detect_jpeg: bytes, pair: tuple[bytes, bytes], r
                       for (name, label) in after if name == "face_stage_duration_seconds_sum"}
             stages = {k: v for k, v in stages.items() if v > 0}
             results.append({
-                "endpoint": endpoint, "requests": requests, "errors": errors,
+                "endpoint": row, "requests": requests, "errors": errors,
                 "p50_ms": float(np.median(latencies)), "mean_ms": float(np.mean(latencies)),
                 "p95_ms": float(np.percentile(latencies, 95)),
                 "server_ms": per_request("face_http_request_duration_seconds_sum", endpoint),
                 "stages_ms": stages,
                 **({"network_p50_ms": float(np.median(beside))} if beside else {}),
             })
+        plain.close()
     return results
 
 
@@ -240,16 +286,20 @@ def report(result: dict) -> list[str]:
                      *[f(stages.get(s, 0.0)) for s in stage_names],
                      f(r["server_ms"] - sum(stages.values())), f(r["mean_ms"] - r["server_ms"])])
     lines += table(headers, rows)
-    detect = next(r for r in http if r["endpoint"] == "/detect")
-    verify = next(r for r in http if r["endpoint"] == "/verify")
+    by = {r["endpoint"]: r for r in http}
+    detect, verify, detect_httpx = by["/detect"], by["/verify"], by["/detect (httpx)"]
     network = detect.get("network_p50_ms", process["network_p50_ms"])
+    network_httpx = detect_httpx.get("network_p50_ms", network)
     lines += ["", (f"Against the targets, this run: /detect p50 {detect['p50_ms']:.1f} ms for a network p50 of "
                    f"{network:.1f} ms, the network timed in this process in blocks of {BLOCK} runs alternating with "
                    f"blocks of {BLOCK} requests (+{detect['p50_ms'] - network:.1f} ms; target +6); /verify p50 "
-                   f"{verify['p50_ms']:.1f} ms (target 45). /health is the floor any request pays here: the client "
-                   "(httpx), TCP on localhost, HTTP parsing and the middleware, with no work. /verify's stage times add up both images' work, which two "
-                   "inference workers do side by side; a stage mean is its total per request, not a share of the wall "
-                   "time.")]
+                   f"{verify['p50_ms']:.1f} ms (target 45). The client is http.client sending a body built once; "
+                   f"through httpx the same /detect took {detect_httpx['p50_ms']:.1f} ms for a network p50 of "
+                   f"{network_httpx:.1f} ms (+{detect_httpx['p50_ms'] - network_httpx:.1f} ms), the difference "
+                   "being the Python client's own work. /health is the floor any request pays here: the client, "
+                   "TCP on localhost, HTTP parsing and the middleware, with no work. /verify's stage times add up "
+                   "both images' work, which two inference workers do side by side; a stage mean is its total per "
+                   "request, not a share of the wall time.")]
     return lines
 
 
