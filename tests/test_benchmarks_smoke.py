@@ -62,10 +62,11 @@ def test_quick_run_writes_the_report(models_dir, faces_dir, weights_dir, tmp_pat
         assert heading in report
     # The request profile: every step timed, both endpoints answered without errors, the target line written.
     profile = report.split("## Where a request's time goes")[1].split("\n## ")[0]
-    for step in ("JPEG decode", "numpy form (before)", "OpenCV one pass (after)", "network (ONNX Runtime",
-                 "the answer's JSON"):
+    for step in ("JPEG decode", "numpy form (first)", "blobFromImage (before)", "addWeighted per plane (after)",
+                 "network (ONNX Runtime", "the answer's JSON"):
         assert step in profile, profile
-    assert "| /detect | 3 | 0 |" in profile and "| /verify | 3 | 0 |" in profile, profile
+    for row in ("/health", "/detect", "/verify", "/health (httpx)", "/detect (httpx)"):
+        assert f"| {row} | 3 | 0 |" in profile, profile
     assert "Against the targets, this run: /detect p50" in profile
     assert "QUICK MODE" in report
     assert "| /verify | 16 |" in report
