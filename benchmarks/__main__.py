@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nSQLite gallery through its ANN index (Gallery.search, top 5) vs exact")
         ann_rows, ann_http, ann_builds = ann.run(
             ann_sizes, args.models_dir, args.photos.parent / "lfw-dev" / "images",
-            nprobes=(32,) if quick else (512, 768, 1024),
+            nprobes=(None, 32) if quick else (None, 512, 768),
             http_sizes=() if quick else tuple(int(s) for s in args.ann_http_sizes.split(",") if s),
             server_env={k: v for k, v in env.items() if k != "FACE_GALLERY_PATH"}, query_jpeg=suites.jpeg(portrait_a),
             requests=3 if quick else 60, repeat=5 if quick else 200, kinds=("uniform",) if quick else ann.KINDS,

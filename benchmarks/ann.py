@@ -183,10 +183,11 @@ def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} s"
 
 
-def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, nprobes: tuple[int, ...],
+def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, nprobes: tuple[int | None, ...],
                     repeat: int, exact: bool) -> list[dict]:
+    """nprobes: cells scanned per query; None: the service's default for the index's cell count (shipped)."""
     from service.gallery import Gallery
-    from service.template_index import IndexOptions, index_folder
+    from service.template_index import IndexOptions, cells_for, default_nprobe, index_folder
 
     shipped = IndexOptions()
     options = dataclasses.replace(shipped, min_identities=1)
@@ -229,7 +230,7 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
             one_query = lambda g=gallery, turn=turn: g.search(queries[next(turn) % len(queries)], top_k=5)
             t = measure(one_query, repeat)
             one_thread_ms = None
-            if nprobe == shipped.nprobe:  # what the second scan thread (template_index.SPLIT_FROM) buys
+            if nprobe is None:  # what the second scan thread (template_index.SPLIT_FROM) buys
                 from service import template_index
                 second_thread = template_index._second_thread
                 template_index._second_thread = lambda: None
@@ -247,8 +248,9 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
         threshold, (match_recall, pairs, _) = reference.thresholds["identify"], recall["identify"]
         hit5 = sum(len({number(m) for m in got} & set(w.tolist())) for got, w in zip(top5, reference.best_ids))
         rows.append({
-            "kind": draw.kind, "faces": int(draw.counts.sum()), "identities": draw.identities, "nprobe": nprobe,
-            "shipped": nprobe == shipped.nprobe, "threshold": threshold, "match_recall": match_recall,
+            "kind": draw.kind, "faces": int(draw.counts.sum()), "identities": draw.identities,
+            "nprobe": default_nprobe(cells_for(draw.identities)) if nprobe is None else nprobe,
+            "shipped": nprobe is None, "threshold": threshold, "match_recall": match_recall,
             "recall_1to1": recall.get("1:1"),
             "match_pairs": pairs, "recall_at_5": hit5 / (5 * len(queries)), "p50_ms": t.p50, "p95_ms": t.p95,
             "one_thread_ms": one_thread_ms,
@@ -258,7 +260,7 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
             "load": os.getloadavg()[0],
         })
         r = rows[-1]
-        print(f"  {r['kind']:>9} {r['faces']:>10,} faces ({r['identities']:,} identities), nprobe {nprobe}: "
+        print(f"  {r['kind']:>9} {r['faces']:>10,} faces ({r['identities']:,} identities), nprobe {r['nprobe']}: "
               f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f}; one thread {_ms(one_thread_ms)}; exact {exact_ms and f'{exact_ms:.2f}'}), match "
               f"recall {_recall(r['match_recall'])} at {threshold} ({pairs} pairs), at the 1:1 threshold "
               f"{_recall_at(r['recall_1to1'])}, recall@5 {r['recall_at_5']:.4f}; "
@@ -286,7 +288,7 @@ def http_row(path: Path, server_env: dict[str, str], query_jpeg: bytes, requests
     return row
 
 
-def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: tuple[int, ...] = (512, 768, 1024),
+def run(sizes: tuple[int, ...], models_dir: Path, lfw_images: Path, *, nprobes: tuple[int | None, ...] = (None, 512, 768),
         http_sizes: tuple[int, ...] = (), server_env: dict[str, str] | None = None, query_jpeg: bytes | None = None,
         requests: int = 60, repeat: int = 200, exact_max: int = 1_000_000, kinds: tuple[str, ...] = KINDS,
         workdir: Path | None = None, build_sizes: tuple[int, ...] = ()) -> tuple[list[dict], list[dict], list[dict]]:
@@ -352,7 +354,7 @@ def server_build_row(path: Path, server_env: dict[str, str], draw: Draw, timeout
 
 
 def report_lines(rows: list[dict], http: list[dict], table, builds: list[dict] = ()) -> list[str]:
-    from service.template_index import IndexOptions, factory_for
+    from service.template_index import MAX_DEFAULT_NPROBE, IndexOptions, factory_for
 
     if not rows:
         return []
@@ -374,9 +376,10 @@ def report_lines(rows: list[dict], http: list[dict], table, builds: list[dict] =
          f"Index: `{factory_for(10**6, D).split(',')[1]}` fast-scan codes in IVF cells (about 4 sqrt(N): "
          + ", ".join(f"{factory_for(n, D).split(',')[0]} at {n:,}" for n in sorted({r['identities'] for r in rows}))
          + "), each template filed in its two nearest cells (spilling), a query's cells scanned half on each of two "
-         "threads (one-thread p50: the same search with one, at the shipped nprobe); "
-         f"{shipped.candidates} candidates re-ranked; the service ships nprobe {shipped.nprobe} "
-         "(`FACE_GALLERY_INDEX_NPROBE`). Build: from the templates in memory, on the 2 cores. Start-up: opening "
+         "threads (one-thread p50: the same search with one, at the default nprobe); "
+         f"{shipped.candidates} candidates re-ranked; by default a query scans about 8 sqrt(cells), at most "
+         f"{MAX_DEFAULT_NPROBE} (`template_index.default_nprobe`: the rows marked default; "
+         "`FACE_GALLERY_INDEX_NPROBE` sets a number). Build: from the templates in memory, on the 2 cores. Start-up: opening "
          "the gallery on its persisted index, page cache warm (cold: after emptying the kernel's page cache, as "
          "after a reboot; measured once per gallery, n/a where the benchmark may not empty it; both after the "
          "build's files are written back; in brackets, when the check of the database's totals against the index, "
@@ -388,7 +391,7 @@ def report_lines(rows: list[dict], http: list[dict], table, builds: list[dict] =
                 "match recall (threshold, pairs)", "match recall at 1:1 threshold (pairs)", "recall@5", "build s", "start-up s", "cold start-up s", "exact load s",
                 "index MiB", "database MiB", "load"],
                [[r["kind"], f"{r['faces']:,}", f"{r['identities']:,}",
-                 f"{r['nprobe']}" + (" (shipped)" if r["shipped"] else ""), f"{r['p50_ms']:.2f}",
+                 f"{r['nprobe']}" + (" (default)" if r["shipped"] else ""), f"{r['p50_ms']:.2f}",
                  f"{r['p95_ms']:.2f}", "" if r.get("one_thread_ms") is None else f"{r['one_thread_ms']:.2f}",
                  "n/a" if r["exact_ms"] is None else f"{r['exact_ms']:.2f}",
                  f"{_recall(r['match_recall'])} ({r['threshold']}, {r['match_pairs']})",
@@ -429,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000,10000000", help="faces per gallery, comma-separated")
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--nprobe", default="512,768,1024")
+    parser.add_argument("--nprobe", default="default,512,768",
+                        help="cells scanned per query, comma-separated; default: the service's rule for the cell count")
     parser.add_argument("--http-sizes", default="1000000,10000000",
                         help="sizes at which a server is started for /identify over HTTP (empty: none)")
     parser.add_argument("--build-sizes", default="1000000,10000000",
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     server_env, query_jpeg = http_inputs(args.models_dir, args.photos)
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows, http, builds = run(tuple(int(s) for s in args.sizes.split(",")), args.models_dir, args.lfw,
-                     nprobes=tuple(int(p) for p in args.nprobe.split(",")),
+                     nprobes=tuple(None if p == "default" else int(p) for p in args.nprobe.split(",")),
                      http_sizes=tuple(int(s) for s in args.http_sizes.split(",") if s), server_env=server_env,
                      query_jpeg=query_jpeg, kinds=tuple(args.kinds.split(",")), workdir=args.workdir,
                      build_sizes=tuple(int(s) for s in args.build_sizes.split(",") if s))

@@ -214,12 +214,13 @@ class Settings(BaseSettings):
         description="SQLite gallery: searchable identities from which the index is built and used; below it, exact "
         "search (as fast there; BENCHMARKS.md).",
     )
-    gallery_index_nprobe: int = Field(
+    gallery_index_nprobe: int | None = Field(
         IndexOptions.nprobe,
         ge=1,
         le=65536,
         description="SQLite gallery index: cells scanned per query. More finds more of what exact search finds, "
-        "and takes longer.",
+        "and takes longer. Unset: about 8 sqrt(cells), at most 768 (256 of the 1,024 cells of a 100,000-identity "
+        "index, 768 at 3M identities and beyond; BENCHMARKS.md).",
     )
     gallery_index_candidates: int = Field(
         IndexOptions.candidates,

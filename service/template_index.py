@@ -68,9 +68,8 @@ class IndexOptions:
     # Below this many searchable identities exact search is used (and no index is built): BENCHMARKS.md measures
     # where the index starts to pay.
     min_identities: int = 50_000
-    # Cells scanned per query. 768: on the clustered 10M benchmark gallery (3.3M identities, 8,192 cells) the
-    # index returned 98.2 % of exact search's top 5 at 512 cells and 99.0 % at 768 (BENCHMARKS.md, ANN table).
-    nprobe: int = 768
+    # Cells scanned per query; None: `default_nprobe` of the index's cell count.
+    nprobe: int | None = None
     candidates: int = 100  # identities taken from the index per query, then re-ranked exactly
     # A rebuild starts when identities changed or added since the last build exceed this share of it (they are
     # searched exactly meanwhile, so they cost time per search as they grow).
@@ -102,9 +101,26 @@ HNSW_QUANTIZER_FROM = 8192
 MAX_TRAIN_POINTS = 262_144
 
 
+# The most cells a query scans by default (`default_nprobe`).
+MAX_DEFAULT_NPROBE = 768
+
+
+def default_nprobe(cells: int) -> int:
+    """Cells a query scans unless FACE_GALLERY_INDEX_NPROBE says: about 8 sqrt(cells), rounded up to a multiple of
+    64, at most 768 (and at most every cell): 256 of 1,024, 384 of 2,048, 512 of 4,096, 768 of 8,192 and 16,384.
+
+    A fixed count scans a quarter of a small index (768 of 1,024 cells at 100,000 identities) for no more recall,
+    while a large one needs fewer than a fixed share. Measured (BENCHMARKS.md, ANN table): the clustered gallery
+    kept 99.6 % of exact search's top 5 at 256 of 1,024 cells (97.5 % at 128) and needed 768 of 8,192 (98.2 % at
+    512, 99.0 % at 768); uniform 10M (16,384 cells) found every planted match at 768."""
+    return max(1, min(cells, MAX_DEFAULT_NPROBE, 64 * math.ceil(8 * math.sqrt(cells) / 64)))
+
+
 def factory_for(n: int, d: int) -> str:
     # 4-bit product quantisation over 2-dimension sub-vectors (fast-scan): d / 4 bytes per template, scanned with
-    # SIMD lookups; the exact re-rank restores the similarity.
+    # SIMD lookups; the exact re-rank restores the similarity. 4-dimension sub-vectors (half the bytes) scanned
+    # 25-35 % faster and found the same planted faces on uniform templates, but ranked a clustered gallery's
+    # neighbours too coarsely: at 1M, 97.4 % of exact search's top 5 among 100 candidates against 99.9 %.
     m = d // 2 if d % 2 == 0 else d
     cells = cells_for(n)
     return f"IVF{cells}{'_HNSW32' if cells >= HNSW_QUANTIZER_FROM else ''},PQ{m}x4fs"
@@ -201,10 +217,18 @@ class Snapshot:
     def id_at(self, row: int) -> str:
         return self.ids[row].decode()
 
-    def candidates(self, q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        """Up to k distinct rows the index proposes for one query (1, D), nearest first."""
+    @property
+    def cells(self) -> int:
+        return int(self._ivf.nlist)
+
+    def nprobe(self, wanted: int | None) -> int:
+        """The cells a query scans: `wanted` (at most every cell), or `default_nprobe` of this index's cells."""
+        return default_nprobe(self.cells) if wanted is None else max(1, min(int(wanted), self.cells))
+
+    def candidates(self, q: np.ndarray, k: int, nprobe: int | None) -> np.ndarray:
+        """Up to k distinct rows the index proposes for one query (1, D), nearest first; nprobe: see `nprobe`."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        nprobe = max(1, min(nprobe, self._ivf.nlist))
+        nprobe = self.nprobe(nprobe)
         # Squared distance to each centre, less |q|^2 (the same for every cell): the nprobe nearest cells, nearest
         # first (faiss's own order; the codes are of the templates themselves, not of their offsets from a
         # centre, so the scan does not use these distances).

@@ -244,6 +244,7 @@ def _tag(folder: Path) -> str:
     pytest.param(lambda f: _edit_manifest(f, faces=-1, seq=-1), id="manifest counts negative"),
     pytest.param(lambda f: _renumber_an_entry(f / f"{_tag(f)}.ivf.faiss"), id="index entry names no row"),
     pytest.param(lambda f: (f / MANIFEST).unlink(), id="index missing"),
+    pytest.param(lambda f: _edit_manifest(f, format=template_index.FORMAT - 1), id="index of the previous format"),
 ])
 def test_missing_or_corrupt_index_is_not_used_and_rebuilt(uniform, damage):
     path, _, queries = uniform
@@ -606,6 +607,15 @@ def test_index_agrees_with_exact_search_on_real_embeddings(lfw_dir: Path, models
         assert_found_as_exact(answers(indexed, queries), answers(exact, queries))  # far ones may be missed
 
 
+def test_default_nprobe_grows_with_the_square_root_of_the_cells():
+    """About 8 sqrt(cells) rounded up to a multiple of 64, never more than 768 nor than every cell: a small index is
+    not scanned by the quarter, a large one not by a fixed share (the figures behind it: BENCHMARKS.md)."""
+    cells = [16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536]
+    assert [template_index.default_nprobe(c) for c in cells] == [16, 64, 128, 256, 384, 512, 768, 768, 768]
+    # The cells an index has for a gallery size: 100k identities scan 256 of 1,024, 1M 512 of 4,096.
+    assert [template_index.default_nprobe(template_index.cells_for(n)) for n in (10**5, 10**6, 10**7)] == [256, 512, 768]
+
+
 def test_index_settings_come_from_the_environment(uniform, monkeypatch):
     from pydantic import ValidationError
 
@@ -613,6 +623,17 @@ def test_index_settings_come_from_the_environment(uniform, monkeypatch):
     from service.settings import Settings
 
     path, _, queries = uniform
+    # Unset: the default rule, on the index's own cell count.
+    options = Settings().gallery_index_options
+    assert options.nprobe is None
+    with open_gallery(f"sqlite:///{path}", MODEL, D, index=dataclasses.replace(options, min_identities=100)) as g:
+        assert g.wait_for_index(60)
+        snap = g._snap
+        assert snap.nprobe(None) == template_index.default_nprobe(snap.cells) < snap.cells
+        for q in queries[:5]:
+            default = snap.candidates(q[None], 50, None)
+            assert default.tolist() == snap.candidates(q[None], 50, snap.nprobe(None)).tolist()
+        assert g.search(queries[0], 1)[0][0].identity_id == "p000000"
     monkeypatch.setenv("FACE_GALLERY_INDEX_NPROBE", "0")
     with pytest.raises(ValidationError, match="gallery_index_nprobe"):
         Settings()
