@@ -98,7 +98,12 @@ class DetectionOptions(_Options):
 
 
 class DetectOptions(DetectionOptions):
-    max_faces: int | None = Field(None, ge=1, description="Return at most this many faces (best scores first).")
+    max_faces: int | None = Field(
+        None,
+        ge=1,
+        description="Return at most this many faces (best scores first); never more than the server's "
+        "FACE_MAX_FACES (100 unless configured), whatever is asked.",
+    )
     quality: bool = Field(False, description="Add each face's quality signals and score (`quality`).")
 
 
@@ -576,7 +581,12 @@ class StreamOptions(DetectionOptions):
     threshold: float | None = Field(
         None, ge=-1.0, le=1.0, description="Override the threshold the FPIR policy would choose (cosine similarity)."
     )
-    max_faces: int | None = Field(None, ge=1, description="Track at most this many faces per frame (best scores).")
+    max_faces: int | None = Field(
+        None,
+        ge=1,
+        description="Track at most this many faces per frame (best scores); never more than the server's "
+        "FACE_MAX_FACES (100 unless configured).",
+    )
     embed_every: int | None = Field(
         None, ge=1, le=10_000, description="Embed a tracked face again after this many processed frames (sooner "
         "when it is clearly larger or sharper); default FACE_STREAM_EMBED_EVERY."
