@@ -80,6 +80,8 @@ def _scan_data(jpeg: bytes) -> int:
 
 def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
     """Thread CPU ms (median) and wall ms (median, min) per step of a /detect request, round-robin."""
+    import cv2
+
     from service.api.schemas import DetectResponse, ImageInfo, face_out
     from service.detector import RetinaFaceDetector
     from service.image_structure import check_jpeg, next_marker
@@ -91,8 +93,6 @@ def in_process(models_dir: Path, detect_jpeg: bytes, repeat: int) -> dict:
     # cannot start with a byte scan): the "before" of that change, checked once to find what the linear one finds.
     scan_data = _scan_data(detect_jpeg)
     assert _MARKER_BEFORE.search(detect_jpeg, scan_data).start() == next_marker(detect_jpeg, scan_data)
-    import cv2
-
     detector = RetinaFaceDetector(models_dir / "retinaface_mnet025.onnx", session_options(1, 1))
     pipeline = Pipeline(detector, embedder=None)  # detection only
     image = decode_image(detect_jpeg, max_bytes=1 << 30, max_pixels=1 << 30)

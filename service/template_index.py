@@ -110,8 +110,8 @@ def default_nprobe(cells: int) -> int:
     64, at most 768 (and at most every cell): 256 of 1,024, 384 of 2,048, 512 of 4,096, 768 of 8,192 and 16,384.
 
     A fixed count scans a quarter of a small index (768 of 1,024 cells at 100,000 identities) for no more recall,
-    while a large one needs fewer than a fixed share. Measured (BENCHMARKS.md, ANN table): the clustered gallery
-    kept 99.6 % of exact search's top 5 at 256 of 1,024 cells (97.5 % at 128) and needed 768 of 8,192 (98.2 % at
+    while a large one needs fewer than a fixed share. Measured (BENCHMARKS.md, ANN section and its notes): the
+    clustered gallery kept 99.6 % of exact search's top 5 at 256 of 1,024 cells and needed 768 of 8,192 (98.2 % at
     512, 99.0 % at 768); uniform 10M (16,384 cells) found every planted match at 768."""
     return max(1, min(cells, MAX_DEFAULT_NPROBE, 64 * math.ceil(8 * math.sqrt(cells) / 64)))
 
