@@ -321,6 +321,9 @@ def test_a_deletion_beside_a_start_up_scan_does_not_wait_for_it(uniform):
     wal = path.with_name(path.name + "-wal")
     with Gallery(path, MODEL, D, index=EVERYTHING) as g:
         g.wait_for_check(60)
+        # The background build writes to the database when it commits (the change log's switch): done first, so
+        # that no write after the checkpoint refills the WAL this test looks at.
+        assert g.wait_for_index(60)
         with g._reading_beside() as reader:
             reader.execute("BEGIN")
             assert reader.execute("SELECT COUNT(*) FROM faces").fetchone()[0] == 3000
