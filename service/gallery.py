@@ -1551,9 +1551,10 @@ class Gallery(GalleryStore):
         rows = np.sort(snap.candidates(q, max(options.candidates, top_k), options.nprobe))
         rows = rows[~self._retired[rows]]
         n = len(self._row_ids)
-        delta = shortlist((q @ self._sums[:n].T)[0] / np.maximum(self._norms[:n], 1e-12), top_k, threshold)
-        scores = np.concatenate([exact_similarities(snap.sums[rows], snap.norms[rows], query),
-                                 exact_similarities(self._sums[delta], self._norms[delta], query)])
+        scores = exact_similarities(snap.sums[rows], snap.norms[rows], query)
+        if n:  # identities changed since the build (the delta rows), scored beside the index's candidates
+            delta = shortlist((q @ self._sums[:n].T)[0] / np.maximum(self._norms[:n], 1e-12), top_k, threshold)
+            scores = np.concatenate([scores, exact_similarities(self._sums[delta], self._norms[delta], query)])
         found = []
         for i in pick(scores, top_k, threshold):
             if i < len(rows):
@@ -1597,7 +1598,7 @@ class Gallery(GalleryStore):
     def _matches(self, found: list[tuple[str, float, int]]) -> list[Match]:
         """Matches from (identity id, exact similarity, faces), best first, with their display names."""
         names = self._display_names([identity_id for identity_id, _, _ in found])
-        return [Match(identity_id=identity_id, similarity=float(np.clip(similarity, -1.0, 1.0)), faces=faces,
+        return [Match(identity_id=identity_id, similarity=min(1.0, max(-1.0, float(similarity))), faces=faces,
                       display_name=names.get(identity_id)) for identity_id, similarity, faces in found]
 
     def _display_names(self, ids: Sequence[str]) -> dict[str, str | None]:
