@@ -72,7 +72,7 @@ class IndexOptions:
     nprobe: int | None = None
     # Identities taken from the index per query, then re-ranked exactly: enough that the coarse codes' ranking
     # keeps exact search's top 5 (see factory_for).
-    candidates: int = 150
+    candidates: int = 200
     # A rebuild starts when identities changed or added since the last build exceed this share of it (they are
     # searched exactly meanwhile, so they cost time per search as they grow).
     rebuild_fraction: float = 0.05
@@ -121,12 +121,15 @@ def default_nprobe(cells: int) -> int:
 def factory_for(n: int, d: int) -> str:
     # 4-bit product quantisation (fast-scan: SIMD table lookups, time in proportion to the sub-vectors), over
     # 3-dimension sub-vectors where d allows (d / 6 bytes per template), else 2 (d / 4 bytes); the exact re-rank
-    # restores the similarity. Measured at 1M faces (192-d, one thread, median of three alternating rounds; notes
-    # in BENCHMARKS.md): 3-dimension sub-vectors with 150 candidates against 2-dimension ones with 100, search p50
-    # 2.51 against 3.40 ms on the uniform gallery (512 cells), 1.59 against 1.83 ms on the clustered one (384),
-    # every planted match found by both, 99.3 against 99.5 % of exact search's top 5 kept. 3-dimension codes with
-    # only 100 candidates kept 98.5-98.7 %; 4-dimension ones 97.0 % (they need 400 candidates, which cost more than
-    # the smaller codes save).
+    # restores the similarity. Measured at 1M faces (192-d, one thread, configurations alternating query by query,
+    # scratch runs of 2026-12-02 in BENCHMARKS.md's notes): against 2-dimension sub-vectors with 100 candidates,
+    # 3-dimension ones searched in 2.80 against 3.21 ms with 100 candidates (uniform gallery, 512 cells), every
+    # planted match found by both. But they rank near neighbours more coarsely: the clustered gallery kept
+    # 98.5-98.7 % of exact search's top 5 with 100 candidates, 99.3 % with 150, 99.6 % with 200 (99.5 % before), so
+    # 200 are re-ranked (IndexOptions.candidates), which costs back most of the gain: 3.40 against 3.37 ms uniform,
+    # 2.27 against 2.39 ms clustered (384 cells). What stays is a third less memory for the codes (the IVF file is
+    # read into memory: 640 against 960 MB at 10M faces, each filed twice). 4-dimension sub-vectors kept 97.0 %
+    # with 100 candidates and needed 400, which cost more than the smaller codes save.
     m = d // 3 if d % 3 == 0 else d // 2 if d % 2 == 0 else d
     cells = cells_for(n)
     return f"IVF{cells}{'_HNSW32' if cells >= HNSW_QUANTIZER_FROM else ''},PQ{m}x4fs"
