@@ -610,6 +610,15 @@ def test_index_agrees_with_exact_search_on_real_embeddings(lfw_dir: Path, models
         assert_found_as_exact(answers(indexed, queries), answers(exact, queries))  # far ones may be missed
 
 
+def test_codes_use_three_dimension_sub_vectors_where_the_embedding_size_allows():
+    """d / 3 sub-quantizers where 3 divides d (192-d MobileFaceNet: 64, 32 bytes a code), else d / 2 (512-d
+    ArcFace: 256), else one per dimension; the cells follow the gallery's size."""
+    assert template_index.factory_for(10**6, 192) == "IVF4096,PQ64x4fs"
+    assert template_index.factory_for(10**6, 512) == "IVF4096,PQ256x4fs"
+    assert template_index.factory_for(10**5, 127) == "IVF1024,PQ127x4fs"
+    assert template_index.factory_for(10**7, 192) == "IVF16384_HNSW32,PQ64x4fs"
+
+
 def test_default_nprobe_grows_with_the_square_root_of_the_cells():
     """About 8 sqrt(cells) rounded up to a multiple of 64, never more than 768 nor than every cell: a small index is
     not scanned by the quarter, a large one not by a fixed share (the figures behind it: BENCHMARKS.md)."""
