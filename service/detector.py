@@ -204,8 +204,8 @@ class RetinaFaceDetector:
 
         Measured on the 640x480 frame (median of 200, this project's 2-core CPU): 0.22 ms, where
         `cv2.dnn.blobFromImage` (convert, subtract, scale and split as separate passes) took 0.84 ms; numpy's cast,
-        subtract, multiply and transpose take about 5 ms (BENCHMARKS.md, "Where a request's time goes"). Same float32 values within 1e-5 (tests/test_detector.py
-        compares with the formula written out in numpy).
+        subtract, multiply and transpose take about 5 ms (BENCHMARKS.md, "Where a request's time goes"). Same
+        float32 values within 1e-5 (tests/test_detector.py compares with the formula written out in numpy).
         """
         height, width = image.shape[:2]
         shape = self._blob_shape(*(pad_to or (height, width)))

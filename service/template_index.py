@@ -119,17 +119,13 @@ def default_nprobe(cells: int) -> int:
 
 
 def factory_for(n: int, d: int) -> str:
-    # 4-bit product quantisation (fast-scan: SIMD table lookups, time in proportion to the sub-vectors), over
-    # 3-dimension sub-vectors where d allows (d / 6 bytes per template), else 2 (d / 4 bytes); the exact re-rank
-    # restores the similarity. Measured at 1M faces (192-d, one thread, configurations alternating query by query,
-    # scratch runs of 2026-12-02 in BENCHMARKS.md's notes): against 2-dimension sub-vectors with 100 candidates,
-    # 3-dimension ones searched in 2.80 against 3.21 ms with 100 candidates (uniform gallery, 512 cells), every
-    # planted match found by both. But they rank near neighbours more coarsely: the clustered gallery kept
-    # 98.5-98.7 % of exact search's top 5 with 100 candidates, 99.3 % with 150, 99.6 % with 200 (99.5 % before), so
-    # 200 are re-ranked (IndexOptions.candidates), which costs back most of the gain: 3.40 against 3.37 ms uniform,
-    # 2.27 against 2.39 ms clustered (384 cells). What stays is a third less memory for the codes (the IVF file is
-    # read into memory: 640 against 960 MB at 10M faces, each filed twice). 4-dimension sub-vectors kept 97.0 %
-    # with 100 candidates and needed 400, which cost more than the smaller codes save.
+    # 4-bit product quantisation (fast-scan: SIMD table lookups) over 3-dimension sub-vectors where d allows (d / 6
+    # bytes per template), else 2 (d / 4 bytes); the exact re-rank restores the similarity. The 3-dimension codes
+    # rank near neighbours more coarsely, so they need 200 candidates (IndexOptions.candidates) to keep exact
+    # search's top 5 as the 2-dimension ones did with 100; with those, about the same time on uniform galleries, a
+    # little less on clustered ones, and a third less memory for the codes, which the IVF file holds in memory
+    # (32 against 48 bytes an entry, two entries a template). 4-dimension codes needed 400 candidates and were
+    # slower. Figures: BENCHMARKS.md, ANN section's notes (1M faces, configurations alternating query by query).
     m = d // 3 if d % 3 == 0 else d // 2 if d % 2 == 0 else d
     cells = cells_for(n)
     return f"IVF{cells}{'_HNSW32' if cells >= HNSW_QUANTIZER_FROM else ''},PQ{m}x4fs"
