@@ -27,10 +27,8 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +50,6 @@ ADD_CHUNK = 200_000
 # of queries, one of its two nearest cells for 99.55 / 99.75 / 99.9 %. Scanning twice the codes per cell costs
 # less than scanning twice the cells for the same recall. BENCHMARKS.md has the search-time side.
 SPILL = 2
-# faiss scans one query's cells on one thread. From this many cells on, a search scans half of them on a second
-# thread (where the process may use two cores); below it the hand-off costs about what it saves. BENCHMARKS.md's
-# ANN table has the search with one thread beside it at the shipped nprobe.
-SPLIT_FROM = 64
-_scan_pool: ThreadPoolExecutor | None = None
-_scan_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -103,19 +95,24 @@ HNSW_QUANTIZER_FROM = 8192
 MAX_TRAIN_POINTS = 262_144
 
 
-# The most cells a query scans by default (`default_nprobe`).
+# The most cells a query scans by default (`default_nprobe`): below LARGE_INDEX_CELLS cells, and from there on.
+MAX_DEFAULT_NPROBE_SMALL = 384
 MAX_DEFAULT_NPROBE = 768
+LARGE_INDEX_CELLS = 8192
 
 
 def default_nprobe(cells: int) -> int:
     """Cells a query scans unless FACE_GALLERY_INDEX_NPROBE says: about 8 sqrt(cells), rounded up to a multiple of
-    64, at most 768 (and at most every cell): 256 of 1,024, 384 of 2,048, 512 of 4,096, 768 of 8,192 and 16,384.
+    64, at most 384 below 8,192 cells and 768 from there (and at most every cell): 256 of 1,024, 384 of 2,048 and
+    4,096, 768 of 8,192 and 16,384.
 
     A fixed count scans a quarter of a small index (768 of 1,024 cells at 100,000 identities) for no more recall,
     while a large one needs fewer than a fixed share. Measured (BENCHMARKS.md, ANN section and its notes): the
-    clustered gallery kept 99.6 % of exact search's top 5 at 256 of 1,024 cells and needed 768 of 8,192 (98.2 % at
-    512, 99.0 % at 768); uniform 10M (16,384 cells) found every planted match at 768."""
-    return max(1, min(cells, MAX_DEFAULT_NPROBE, 64 * math.ceil(8 * math.sqrt(cells) / 64)))
+    clustered gallery kept 99.6 % of exact search's top 5 at 256 of 1,024 cells and at 384 of 2,048, and needed 768
+    of 8,192 (98.7 % at 512, 99.2 % at 768); uniform 1M (4,096 cells) found every planted match at 384 (one missed
+    at 256), 14 % sooner than at 512; uniform 10M (16,384 cells) found every planted match at 768."""
+    cap = MAX_DEFAULT_NPROBE if cells >= LARGE_INDEX_CELLS else MAX_DEFAULT_NPROBE_SMALL
+    return max(1, min(cells, cap, 64 * math.ceil(8 * math.sqrt(cells) / 64)))
 
 
 def factory_for(n: int, d: int) -> str:
@@ -155,7 +152,8 @@ class Snapshot:
         self.ids, self.sums, self.norms, self.counts, self.index = ids, sums, norms, counts, index
         self.seq = int(manifest["seq"])
         self.faces = int(manifest["faces"])
-        faiss = _faiss()
+        # Kept: `_faiss()` sets a logger's level, which empties the logging module's caches (20 us a search).
+        self._faiss = faiss = _faiss()
         self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         # A query's cells are chosen here, exactly, from the cell centres (12 MB at 16,384 cells): one
         # matrix-vector product. The HNSW graph over the centres that large indexes carry is what makes a build's
@@ -241,19 +239,11 @@ class Snapshot:
         cells = np.argpartition(gaps, nprobe - 1)[:nprobe] if nprobe < len(gaps) else np.arange(len(gaps))
         cells = cells[np.argsort(gaps[cells], kind="stable")]
         cells, gaps = cells[None, :].astype(np.int64), gaps[cells][None, :].astype(np.float32)
-        # A template filed in two scanned cells comes back twice (same code, same distance): ask for enough
-        # entries to still have k distinct rows.
-        want = min(k * SPILL, self.index.ntotal)
-        pool = _second_thread() if nprobe >= SPLIT_FROM else None
-        if pool is None:
-            distances, rows = self._scan(q, want, cells, gaps)
-        else:
-            # Alternate cells to each half, so both get as many near (and as many large) cells.
-            other = pool.submit(self._scan, q, want, cells[:, 1::2], gaps[:, 1::2])
-            distances, rows = self._scan(q, want, cells[:, ::2], gaps[:, ::2])
-            more_distances, more_rows = other.result()
-            distances, rows = np.concatenate([distances, more_distances]), np.concatenate([rows, more_rows])
-            rows = rows[np.argsort(distances, kind="stable")]
+        # One thread a search: scanning half the cells on a second one was slower on the bench machine's 2 cores
+        # once nothing else ran (1M faces: 3.10 against 2.33 ms uniform, 1.90 against 1.64 clustered), and it
+        # would take the core a concurrent request needs. A template filed in two scanned cells comes back twice
+        # (same code, same distance): ask for enough entries to still have k distinct rows.
+        _, rows = self._scan(q, min(k * SPILL, self.index.ntotal), cells, gaps)
         rows = rows[rows >= 0]
         _, first = np.unique(rows, return_index=True)
         return rows[np.sort(first)][:k]
@@ -261,7 +251,7 @@ class Snapshot:
     def _scan(self, q: np.ndarray, k: int, cells: np.ndarray, cell_distances: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest entries of those cells (faiss's search after its cell choice; it releases the GIL)."""
-        faiss = _faiss()
+        faiss = self._faiss
         cells, cell_distances = np.ascontiguousarray(cells), np.ascontiguousarray(cell_distances)
         distances, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
         # The Python wrapper of search_preassigned takes no parameters (so no per-call nprobe): the C one does.
@@ -269,17 +259,6 @@ class Snapshot:
                                        faiss.swig_ptr(distances), faiss.swig_ptr(rows), False,
                                        faiss.SearchParametersIVF(nprobe=cells.shape[1]))
         return distances[0], rows[0]
-
-
-def _second_thread() -> ThreadPoolExecutor | None:
-    """The one extra thread searches use, or None where this process may run on one core only."""
-    global _scan_pool
-    if _scan_pool is not None:  # every search after the first: no lock on the hot path
-        return _scan_pool
-    with _scan_pool_lock:
-        if _scan_pool is None and available_threads() > 1:
-            _scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-scan")
-        return _scan_pool
 
 
 def available_threads() -> int:

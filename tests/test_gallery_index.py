@@ -93,7 +93,7 @@ def test_index_built_in_background_agrees_with_exact_search(uniform):
         assert found >= 38, f"the index found {found} of 40 planted matches"
 
 
-def test_each_template_is_filed_in_its_two_nearest_cells(uniform, monkeypatch):
+def test_each_template_is_filed_in_its_two_nearest_cells(uniform):
     """Spilling: a query just across a cell border from a face still finds it in the neighbouring cell. The
     cells hold each template twice, a search proposes it once, and a face is found by scanning either cell."""
     import faiss
@@ -106,15 +106,12 @@ def test_each_template_is_filed_in_its_two_nearest_cells(uniform, monkeypatch):
         assert snap.index.ntotal == 2 * len(snap) == 2 * len(vectors)
         rows = snap.candidates(queries[:1], 500, 64)
         assert len(rows) == len(set(rows.tolist())) == 500
-        # The cells are scanned on two threads (half each, from SPLIT_FROM cells) or on one: the same candidates
-        # (up to ties of the 4-bit codes' coarse distances at the cut), every row once when all are asked for.
+        # Scanning every cell and asking for every template proposes every row exactly once, though the cells
+        # hold each twice; asking for fewer gives the first of those, in the same order.
         for q in queries[:10]:
-            two, every_two = snap.candidates(q[None], 100, 256), snap.candidates(q[None], 5000, 256)
-            with monkeypatch.context() as m:
-                m.setattr(template_index, "_second_thread", lambda: None)
-                one, every_one = snap.candidates(q[None], 100, 256), snap.candidates(q[None], 5000, 256)
-            assert len(one) == len(two) == 100 and len(set(one.tolist()) & set(two.tolist())) >= 90
-            assert sorted(every_one.tolist()) == sorted(every_two.tolist()) == list(range(3000))
+            every, some = snap.candidates(q[None], 5000, snap.cells), snap.candidates(q[None], 100, snap.cells)
+            assert sorted(every.tolist()) == list(range(3000))
+            assert len(some) == 100 and len(set(some.tolist()) & set(every[:100].tolist())) >= 90
         _, cells = ivf.quantizer.search(vectors[:20], 2)
         for i, (template, (nearest, second)) in enumerate(zip(vectors[:20], cells)):
             row = snap.row_of(f"p{i:06d}")
@@ -620,12 +617,13 @@ def test_codes_use_three_dimension_sub_vectors_where_the_embedding_size_allows()
 
 
 def test_default_nprobe_grows_with_the_square_root_of_the_cells():
-    """About 8 sqrt(cells) rounded up to a multiple of 64, never more than 768 nor than every cell: a small index is
-    not scanned by the quarter, a large one not by a fixed share (the figures behind it: BENCHMARKS.md)."""
+    """About 8 sqrt(cells) rounded up to a multiple of 64, never more than 384 below 8,192 cells nor 768 from there,
+    nor than every cell: a small index is not scanned by the quarter, a large one not by a fixed share (the figures
+    behind it: BENCHMARKS.md)."""
     cells = [16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536]
-    assert [template_index.default_nprobe(c) for c in cells] == [16, 64, 128, 256, 384, 512, 768, 768, 768]
-    # The cells an index has for a gallery size: 100k identities scan 256 of 1,024, 1M 512 of 4,096.
-    assert [template_index.default_nprobe(template_index.cells_for(n)) for n in (10**5, 10**6, 10**7)] == [256, 512, 768]
+    assert [template_index.default_nprobe(c) for c in cells] == [16, 64, 128, 256, 384, 384, 768, 768, 768]
+    # The cells an index has for a gallery size: 100k identities scan 256 of 1,024, 1M 384 of 4,096.
+    assert [template_index.default_nprobe(template_index.cells_for(n)) for n in (10**5, 10**6, 10**7)] == [256, 384, 768]
 
 
 def test_index_settings_come_from_the_environment(uniform, monkeypatch):
