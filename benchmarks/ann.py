@@ -175,10 +175,6 @@ def drop_page_cache() -> bool:
     return True
 
 
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f} ms"
-
-
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} s"
 
@@ -224,9 +220,9 @@ def measure_gallery(path: Path, draw: Draw, reference: Reference, model: str, np
         with Gallery(path, model, D, index=dataclasses.replace(options, nprobe=nprobe)) as gallery:
             startup_s = time.perf_counter() - started
             assert gallery.index_in_use
-            # Steady state: the start-up check of the database's totals (a scan of every row, 30 s at 1M faces,
-            # reported above as "database check done at") runs beside the first searches and takes a core from
-            # them; searches are timed once it is done.
+            # Steady state: the start-up check of the database's totals (a scan of every row, reported above as
+            # "database check done at") runs beside the first searches and takes a core from them; searches are
+            # timed once it is done.
             gallery.wait_for_check()
             cells = gallery._snap.nprobe(nprobe)  # what the index scans for this setting (None: its default)
             found = {name: gallery.search(queries, top_k=5, threshold=t) for name, t in reference.thresholds.items()}

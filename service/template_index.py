@@ -152,7 +152,8 @@ class Snapshot:
         self.ids, self.sums, self.norms, self.counts, self.index = ids, sums, norms, counts, index
         self.seq = int(manifest["seq"])
         self.faces = int(manifest["faces"])
-        # Kept: `_faiss()` sets a logger's level, which empties the logging module's caches (20 us a search).
+        # Kept: `_faiss()` sets a logger's level, which empties the logging module's caches (tens of microseconds
+        # a search under cProfile).
         self._faiss = faiss = _faiss()
         self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         # A query's cells are chosen here, exactly, from the cell centres (12 MB at 16,384 cells): one
@@ -243,14 +244,14 @@ class Snapshot:
         # once nothing else ran (1M faces: 3.10 against 2.33 ms uniform, 1.90 against 1.64 clustered), and it
         # would take the core a concurrent request needs. A template filed in two scanned cells comes back twice
         # (same code, same distance): ask for enough entries to still have k distinct rows.
-        _, rows = self._scan(q, min(k * SPILL, self.index.ntotal), cells, gaps)
+        rows = self._scan(q, min(k * SPILL, self.index.ntotal), cells, gaps)
         rows = rows[rows >= 0]
         _, first = np.unique(rows, return_index=True)
         return rows[np.sort(first)][:k]
 
-    def _scan(self, q: np.ndarray, k: int, cells: np.ndarray, cell_distances: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest entries of those cells (faiss's search after its cell choice; it releases the GIL)."""
+    def _scan(self, q: np.ndarray, k: int, cells: np.ndarray, cell_distances: np.ndarray) -> np.ndarray:
+        """The rows of the k nearest entries of those cells, nearest first, -1 past the last (faiss's search after
+        its cell choice; it releases the GIL)."""
         faiss = self._faiss
         cells, cell_distances = np.ascontiguousarray(cells), np.ascontiguousarray(cell_distances)
         distances, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
@@ -258,7 +259,7 @@ class Snapshot:
         self._ivf.search_preassigned_c(1, faiss.swig_ptr(q), k, faiss.swig_ptr(cells), faiss.swig_ptr(cell_distances),
                                        faiss.swig_ptr(distances), faiss.swig_ptr(rows), False,
                                        faiss.SearchParametersIVF(nprobe=cells.shape[1]))
-        return distances[0], rows[0]
+        return rows[0]
 
 
 def available_threads() -> int:
